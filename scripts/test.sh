@@ -18,7 +18,7 @@ else bad "nbdev-clean/nbdev-export changed files (commit clean, exported noteboo
 echo "== 2. notebooks (nbdev-test; cells flagged '#| slow' are skipped)"
 for nb in nbs/*.ipynb; do
   start=$SECONDS
-  if out=$(nbdev-test --path "$nb" 2>&1); then ok "$nb ($((SECONDS-start)) s)"
+  if out=$(nbdev-test "$nb" 2>&1); then ok "$nb ($((SECONDS-start)) s)"
   else bad "$nb ($((SECONDS-start)) s)"; echo "$out" | tail -40 | sed 's/^/    /'; fi
 done
 
