@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from tqdm.auto import tqdm
 
 from llama32_nb.core import data_dir, set_seed, set_threads
 
@@ -57,17 +58,20 @@ def stage_tokenizer(run: Run):
     d = data_dir()
     corpus = (d / "tinyshakespeare.txt").read_text(encoding="utf-8")
     langs = {l: (d / "lang" / f"{l}.txt").read_text(encoding="utf-8") for l in LANGS if (d / "lang" / f"{l}.txt").exists()}
+    bar = tqdm(total=4, desc="tokenizer", unit="step")
     t0 = time.time()
     tok = Tokenizer.train([corpus], TOK_VOCAB)
     train_s = time.time() - t0
     tok.save(run.out / "tokenizer")
     assert Tokenizer.load(run.out / "tokenizer").encode(corpus[:5000]) == tok.encode(corpus[:5000])
+    bar.update()
     # a multilingual vocabulary of the same size, to show what the training data does to compression
-    multi = Tokenizer.train([corpus[:300_000], *langs.values()], TOK_VOCAB)
-    llama3 = Tokenizer.llama3()
+    multi = Tokenizer.train([corpus[:300_000], *langs.values()], TOK_VOCAB); bar.update()
+    llama3 = Tokenizer.llama3(); bar.update()
     bpt = lambda t, s: len(s.encode("utf-8")) / max(1, len(t.encode(s)))
     texts = {"shakespeare (val 10%)": corpus[int(len(corpus) * 0.9):], **langs}
     rows = [[name, round(bpt(tok, s), 3), round(bpt(multi, s), 3), round(bpt(llama3, s), 3)] for name, s in texts.items()]
+    bar.update(); bar.close()
     run.metrics["tokenizer"] = dict(vocab_size=TOK_VOCAB, train_seconds=round(train_s, 2),
                                     bytes_per_token={r[0]: dict(ours=r[1], ours_multilingual=r[2], llama3=r[3]) for r in rows})
     fig, ax = plt.subplots(figsize=(8, 3.5))
