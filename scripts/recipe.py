@@ -92,7 +92,82 @@ was trained on part of the corpus plus the 8 language samples. Bytes per token o
     return tok
 
 
-STAGES = {"tokenizer": stage_tokenizer}
+# ---------------------------------------------------------------------------------------------------
+SAMPLE_PROMPTS = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo!", "First Citizen:\n", "KING RICHARD III:\nNow is the winter of"]
+
+
+def _load_run_tokenizer(run: Run):
+    from llama32_nb.tokenizer import Tokenizer
+    p = run.out / "tokenizer"
+    if not p.is_file(): raise SystemExit(f"{p} is missing: run the tokenizer stage first (--stages tokenizer,pretraining,...)")
+    return Tokenizer.load(p)
+
+
+def stage_pretraining(run: Run):
+    "Pretrain the tiny Llama on tiny Shakespeare with the tokenizer stage's vocabulary; loss curves, perplexity, throughput."
+    import math, os, shutil
+    import torch
+    from llama32_nb.pretraining import (pretrain_tiny_llama, plot_history, load_artifacts, save_artifacts, evaluate,
+                                        corpus_blocks, artifacts_dir)
+    tok = _load_run_tokenizer(run)
+    tr = pretrain_tiny_llama(tok, run.out, progress=True)       # resumes from <run>/checkpoint if interrupted
+    f = tr.facts
+    # the shipped copy is bf16: check what that costs on the validation set
+    _, val = corpus_blocks(tok, f["block_size"], progress=False)
+    m16, _ = load_artifacts(run.out / "tiny-llama", device=tr.device)
+    m16 = m16.to(torch.bfloat16).float()
+    f["final_val_loss_bf16_weights"] = evaluate(m16, val, 16)
+    if os.environ.get("LLAMA32_NB_SHIP") == "1":              # regenerate the repository's artifacts/tiny-llama
+        dest = artifacts_dir() / "tiny-llama"
+        if dest.exists(): shutil.rmtree(dest)
+        save_artifacts(tr.model, tok, dest, dtype=torch.bfloat16, extra=f)
+        f["shipped_to"] = str(dest)
+    run.metrics["pretraining"] = {k: v for k, v in f.items() if k != "train_config"}
+    run.metrics["pretraining"]["train_config"] = f["train_config"]
+    h = tr.history
+    fig = plot_history(h, title=f"tiny Llama ({f['params'] / 1e6:.1f} M parameters) on tiny Shakespeare")
+    c = f["train_config"]
+    rows = [["parameters", f"{f['params']:,}"], ["training tokens", f"{f['train_tokens']:,} ({f['epochs']} epochs of {f['train_blocks']} blocks)"],
+            ["steps x tokens/step", f"{f['steps']} x {c['batch_size'] * c['grad_accum'] * f['block_size']:,}"],
+            ["peak / final lr", f"{c['lr']:g} / {c['min_lr']:g} (warmup {c['warmup_steps']}, cosine)"],
+            ["train loss (mean of last 20 steps)", round(f["final_train_loss"], 3)],
+            ["validation loss (all held-out blocks)", round(f["final_val_loss"], 3)],
+            ["validation perplexity", round(f["val_perplexity"], 1)],
+            ["validation loss, bf16-rounded weights", round(f["final_val_loss_bf16_weights"], 3)],
+            ["throughput", f"{f['tokens_per_second']:,} tokens/s on {f['device']} ({f['train_seconds']:.0f} s of training steps)"]]
+    run.section("Pretraining", f"""
+A {f['params']:,}-parameter Llama (width 256, 4 layers, 8 query / 2 key-value heads, SwiGLU 768, tied embeddings,
+256-token context) trained from scratch on the first 90% of tiny Shakespeare, tokenized with the tokenizer stage's
+vocabulary and packed into {f['block_size']}+1-token blocks; the last 10% ({f['val_blocks']} blocks) is held out.
+AdamW (0.9, 0.95, weight decay {c['weight_decay']}), gradient clipping at {c['grad_clip']}, linear warmup + cosine decay.
+Model and tokenizer (Hugging Face layout) are in `tiny-llama/`; the resumable checkpoint is in `checkpoint/`.
+
+{md_table(["", "value"], rows)}
+{run.figure(fig, "pretraining_loss.png", "Training loss per step (faint) and its moving average; validation loss on the held-out tail.")}
+""")
+    return tr
+
+
+def stage_samples(run: Run):
+    "Greedy and sampled continuations of a few prompts from the pretrained tiny Llama."
+    from llama32_nb.pretraining import load_artifacts
+    p = run.out / "tiny-llama"
+    if not (p / "config.json").is_file(): raise SystemExit(f"{p} is missing: run the pretraining stage first")
+    model, tok = load_artifacts(p)
+    out, samples = [], {}
+    for prompt in tqdm(SAMPLE_PROMPTS, desc="samples", unit="prompt"):
+        ids = tok.encode(prompt)
+        set_seed(0)
+        greedy = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.0, stop_tokens=(tok.eos_id,)))
+        sampled = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=50, stop_tokens=(tok.eos_id,)))
+        samples[prompt] = dict(greedy=greedy, sampled=sampled)
+        out.append(f"**Prompt** `{prompt.replace(chr(10), ' / ')}`\n\nGreedy:\n\n```\n{prompt}{greedy}\n```\n\n"
+                   f"Sampled (temperature 0.8, top-k 50, seed 0):\n\n```\n{prompt}{sampled}\n```\n")
+    run.metrics["samples"] = samples
+    run.section("Samples", "80 new tokens per prompt from `tiny-llama/`.\n\n" + "\n".join(out))
+
+
+STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples}
 
 
 def main(argv=None):
