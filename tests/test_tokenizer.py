@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from llama32_nb.core import data_dir
 from llama32_nb.tokenizer import (Tokenizer, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS,
     bpe_merge_simple, bpe_merge_heap, split_long_runs, encode_segments, train_bpe, pretokenize, read_tiktoken_bpe,
-    write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS)
+    write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS, _ASCII_RE)
 
 LANGS = ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
 
@@ -102,6 +102,14 @@ def test_roundtrip_hypothesis(s):
 @given(text_strategy)
 def test_parity_hypothesis(s):
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
+def test_ascii_fast_path_parity(s):
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    assert _ASCII_RE.findall(s) == pretokenize(s)
     assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
 
 
