@@ -157,9 +157,8 @@ def stage_samples(run: Run):
     out, samples = [], {}
     for prompt in tqdm(SAMPLE_PROMPTS, desc="samples", unit="prompt"):
         ids = tok.encode(prompt)
-        set_seed(0)
         greedy = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.0, stop_tokens=(tok.eos_id,)))
-        sampled = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=50, stop_tokens=(tok.eos_id,)))
+        sampled = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=50, seed=0, stop_tokens=(tok.eos_id,)))
         samples[prompt] = dict(greedy=greedy, sampled=sampled)
         out.append(f"**Prompt** `{prompt.replace(chr(10), ' / ')}`\n\nGreedy:\n\n```\n{prompt}{greedy}\n```\n\n"
                    f"Sampled (temperature 0.8, top-k 50, seed 0):\n\n```\n{prompt}{sampled}\n```\n")

@@ -196,3 +196,49 @@ def test_bf16_autocast_step_and_evaluate(blocks):
     assert all(math.isfinite(l) for l in t.history["loss"]) and next(t.model.parameters()).dtype == torch.float32
     v32, v16 = evaluate(t.model, va[:8], 4), evaluate(t.model, va[:8], 4, bf16=True)
     assert abs(v32 - v16) < 0.1 and math.isfinite(v16)
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+needs_hf = pytest.mark.skipif(not hasattr(Llama, "save_pretrained"), reason="decoder has no save_pretrained yet")
+
+
+@needs_hf
+def test_save_and_load_artifacts_roundtrip(tmp_path):
+    from llama32_nb.tokenizer import Tokenizer
+    from llama32_nb.pretraining import save_artifacts, load_artifacts
+    tok = Tokenizer.train(["to be or not to be, that is the question " * 20], 300)
+    set_seed(0); m = Llama(model_cfg(vocab_size=tok.vocab_size))
+    save_artifacts(m, tok, tmp_path / "a", extra=dict(note="test"))
+    m2, tok2 = load_artifacts(tmp_path / "a", device="cpu")
+    x = torch.tensor([tok.encode("to be or not")])
+    assert torch.allclose(m(x), m2(x), atol=1e-5) and tok2.encode("question") == tok.encode("question")
+    with pytest.raises(FileNotFoundError, match="make recipe"): load_artifacts(tmp_path / "missing")
+
+
+SHIPPED = None
+try:
+    from llama32_nb.pretraining import artifacts_dir
+    SHIPPED = artifacts_dir() / "tiny-llama"
+except Exception: pass
+
+
+@needs_hf
+@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(), reason="artifacts/tiny-llama not shipped")
+def test_shipped_tiny_llama_is_small_and_trained():
+    from llama32_nb.pretraining import load_artifacts, corpus_blocks
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 10_500_000
+    model, tok = load_artifacts(SHIPPED, device="cpu")
+    assert model.cfg == tiny_llama_config(tok.vocab_size) and tok.vocab_size == 2048
+    _, val = corpus_blocks(tok, model.cfg.max_seq_len, progress=False)
+    assert evaluate(model, val[:16], 8) < 5.5                       # far below ln(2048) = 7.6
+
+
+@needs_hf
+@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(), reason="artifacts/tiny-llama not shipped")
+def test_shipped_tiny_llama_loads_in_transformers():
+    transformers = pytest.importorskip("transformers")
+    from llama32_nb.pretraining import load_artifacts
+    model, tok = load_artifacts(SHIPPED, device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    x = torch.tensor([tok.encode("ROMEO:\nWhat light through yonder window breaks?")])
+    with torch.no_grad(): assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
