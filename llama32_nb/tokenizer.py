@@ -7,9 +7,10 @@ from __future__ import annotations
 import base64, binascii, functools, heapq, html, importlib.util, json, operator, re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, compress
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+import numpy as np
 import regex
 from fastcore.basics import patch
 
@@ -17,8 +18,8 @@ from fastcore.basics import patch
 __all__ = ['LLAMA3_PATTERN', 'LLAMA3_ASCII_PATTERN', 'LLAMA3_NAMED_SPECIAL_TOKENS', 'LLAMA3_SPECIAL_TOKENS', 'MAX_ENCODE_CHARS',
            'MAX_RUN_CHARS', 'BUILTIN_TOOLS', 'IMAGE', 'compile_pattern', 'pretokenize', 'train_bpe', 'bpe_merge_simple',
            'bpe_merge_heap', 'bpe_merge', 'read_tiktoken_bpe', 'check_ranks', 'write_tiktoken_bpe', 'llama3_model_path',
-           'split_long_runs', 'encode_segments', 'Tokenizer', 'ToolCall', 'ImageRef', 'Message', 'render_tool_call',
-           'ChatFormat', 'vision_mask', 'token_spans', 'render_tokens_html']
+           'split_long_runs', 'encode_segments', 'pair_table', 'bpe_merge_ids', 'BatchBPE', 'Tokenizer', 'ToolCall',
+           'ImageRef', 'Message', 'render_tool_call', 'ChatFormat', 'vision_mask', 'token_spans', 'render_tokens_html']
 
 # %% ../nbs/01_tokenizer.ipynb #1c4d0f84
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -222,17 +223,122 @@ def encode_segments(s: str) -> list[str]:
     if len(s) <= MAX_RUN_CHARS: return [s] if s else []
     return [p for i in range(0, len(s), MAX_ENCODE_CHARS) for p in split_long_runs(s[i:i + MAX_ENCODE_CHARS])]
 
+# %% ../nbs/01_tokenizer.ipynb #51f0148c
+_INF = 1 << 30                                               # "not a token" in the numpy arrays (ranks are smaller)
+
+def pair_table(ranks: dict[bytes, int]) -> tuple[dict[int, int], int]:
+    "`({a << shift | b: rank of bytes(a) + bytes(b)}, shift)` for every pair of tokens whose concatenation is a token."
+    shift, get, table = max(len(ranks) - 1, 1).bit_length(), ranks.get, {}
+    for t, r in ranks.items():
+        for i in range(1, len(t)):
+            a = get(t[:i])
+            if a is not None and (b := get(t[i:])) is not None: table[a << shift | b] = r
+    return table, shift
+
+def bpe_merge_ids(ids: list[int], table: dict[int, int], shift: int) -> list[int]:
+    "`bpe_merge_simple` on token ids (modified in place): pair ranks come from `pair_table`, a merged part's id is its rank."
+    g = table.get
+    pr = [g(a << shift | b, _NO_RANK) for a, b in zip(ids, ids[1:])]
+    while pr:
+        r = min(pr)
+        if r == _NO_RANK: break
+        k = pr.index(r)
+        ids[k] = r; del ids[k + 1], pr[k]
+        if k < len(pr): pr[k] = g(r << shift | ids[k + 1], _NO_RANK)
+        if k: pr[k - 1] = g(ids[k - 1] << shift | r, _NO_RANK)
+    return ids
+
+class BatchBPE:
+    "tiktoken's BPE for many pre-tokens at once: numpy rounds of one merge per pre-token, Python for the last few."
+    def __init__(self, ranks: dict[bytes, int], handoff: int = 48, max_len: int = 128):
+        if len(ranks) >= _INF: raise ValueError("vocabulary too large for BatchBPE")
+        self.ranks, self.handoff, self.max_len = ranks, handoff, max_len
+        self.table, self.shift = pair_table(ranks)
+        keys = np.fromiter(self.table.keys(), np.int64, len(self.table)); order = np.argsort(keys)
+        self.keys, self.vals = keys[order], np.fromiter(self.table.values(), np.int64, len(self.table))[order]
+        self.byte_ids = [ranks[bytes([i])] for i in range(256)]
+        self.byte_arr = np.array(self.byte_ids, np.int64)
+        self.byte_pairs = np.array([ranks.get(bytes([x, y]), _INF) for x in range(256) for y in range(256)], np.int64)
+
+    def _lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        q = (a << self.shift) | b
+        i = np.searchsorted(self.keys, q); i[i == len(self.keys)] = 0
+        return np.where(self.keys[i] == q, self.vals[i], _INF)
+
+    def one(self, piece: bytes) -> list[int]:
+        "One pre-token (whole-piece lookup first, like tiktoken)."
+        r = self.ranks.get(piece)
+        if r is not None: return [r]
+        if len(piece) > self.max_len: return bpe_merge(piece, self.ranks)
+        return bpe_merge_ids(list(map(self.byte_ids.__getitem__, piece)), self.table, self.shift)
+
+    def __call__(self, pieces: Sequence[bytes]) -> list[list[int]]:
+        "The ids of each pre-token, identical to `[bpe_merge(p, ranks) for p in pieces]`."
+        get = self.ranks.get
+        res: list = [None] * len(pieces)
+        todo = []                                              # indices for the numpy rounds
+        for i, p in enumerate(pieces):
+            if (r := get(p)) is not None: res[i] = [r]
+            elif len(p) > self.max_len: res[i] = bpe_merge(p, self.ranks)
+            else: todo.append(i)
+        if len(todo) < self.handoff:
+            for i in todo: res[i] = self.one(pieces[i])
+            return res
+        which = np.array(todo, np.int64)
+        lens = np.fromiter((len(pieces[i]) for i in todo), np.int64, len(todo))
+        raw = np.frombuffer(b"".join([pieces[i] for i in todo]), np.uint8)
+        ids, raw = self.byte_arr[raw], raw.astype(np.int64)
+        pr = np.empty(len(ids), np.int64)                      # pr[j]: rank of parts j, j+1 glued (∞ at a piece's end)
+        pr[:-1] = self.byte_pairs[(raw[:-1] << 8) | raw[1:]]
+        ends = np.cumsum(lens); pr[ends - 1] = _INF
+        while True:
+            starts = ends - lens
+            m = np.minimum.reduceat((pr << 32) | np.arange(len(pr)), starts)   # lowest rank, then leftmost
+            r = m >> 32
+            keep, act = None, r < _INF
+            if not act.all():                                  # finished pieces leave the arrays
+                keep = np.repeat(act, lens)
+                flat, p = ids[~keep].tolist(), 0
+                for i, n in zip(which[~act].tolist(), lens[~act].tolist()): res[i] = flat[p:p + n]; p += n
+                which, lens, starts, ends, r, m = which[act], lens[act], starts[act], ends[act], r[act], m[act]
+            if len(lens) < self.handoff:                       # the last few: continue in Python from their parts
+                flat, p = (ids if keep is None else ids[keep]).tolist(), 0
+                for i, n in zip(which.tolist(), lens.tolist()):
+                    res[i] = bpe_merge_ids(flat[p:p + n], self.table, self.shift); p += n
+                return res
+            k = m & 0xFFFFFFFF                                 # merge parts k and k+1 of every unfinished piece
+            mask = np.ones(len(ids), bool) if keep is None else keep
+            mask[k + 1] = False
+            kn = (np.cumsum(mask) - 1)[k]                      # where part k lands after the deletions
+            right, left = k + 2 < ends, k > starts
+            ids, pr = ids[mask], pr[mask]
+            ids[kn] = r
+            lens = lens - 1; ends = np.cumsum(lens)
+            kr = kn[right]; pr[kr] = self._lookup(r[right], ids[kr + 1])
+            pr[kn[~right]] = _INF
+            kl = kn[left] - 1; pr[kl] = self._lookup(ids[kl], r[left])
+
 # %% ../nbs/01_tokenizer.ipynb #20349cb8
+_BATCH_MIN = 48                                              # fewer misses than this: merge them one by one
+
 class _PieceCache(dict):
-    "pre-token str -> tuple of ids; pre-filled with the vocabulary, BPE on a miss, reset when it grows too big."
+    "pre-token str -> tuple of ids; pre-filled with the vocabulary, misses merged in batches, reset when it grows too big."
     def __init__(self, ranks: dict[bytes, int], limit: int = 1 << 20):
         super().__init__(); self.ranks, self.limit = ranks, limit; self.reset()
+    @functools.cached_property
+    def bpe(self) -> BatchBPE: return BatchBPE(self.ranks, handoff=_BATCH_MIN)   # vocabulary-derived, built on first need
     def reset(self):
         self.clear()
         for b, r in self.ranks.items():
             try: self[b.decode("utf-8")] = (r,)
             except UnicodeDecodeError: pass
         self.base_len = len(self)
+    def fill(self, pieces: Sequence[str]) -> None:
+        "Merge `pieces` (distinct, not cached yet) together and remember their ids."
+        bs = [p.encode("utf-8") for p in pieces]
+        ids = self.bpe(bs) if len(bs) >= _BATCH_MIN else [bpe_merge(b, self.ranks) for b in bs]
+        if len(self) - self.base_len + len(bs) > self.limit: self.reset()
+        self.update(zip(pieces, map(tuple, ids)))
     def __missing__(self, piece: str) -> tuple[int, ...]:
         ids = tuple(bpe_merge(piece.encode("utf-8"), self.ranks))
         if len(self) - self.base_len > self.limit: self.reset()
@@ -291,9 +397,14 @@ def _special_regex(self: Tokenizer, allowed: frozenset[str]) -> regex.Pattern:
 @patch
 def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
     pat = self._pat_ascii if (self._pat_ascii is not None and s.isascii()) else self._pat
-    try: return list(chain.from_iterable(map(self._cache.__getitem__, pat.findall(s))))
-    except UnicodeEncodeError:                                 # lone surrogates: tiktoken's fix-up
-        return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+    cache, pieces = self._cache, pat.findall(s)
+    ids = list(map(cache.get, pieces))
+    if None in ids:                                            # pre-tokens not seen yet: merge them all in one batch
+        try: cache.fill(list(dict.fromkeys(compress(pieces, map(operator.not_, ids)))))
+        except UnicodeEncodeError:                             # lone surrogates: tiktoken's fix-up
+            return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        ids = map(cache.__getitem__, pieces)
+    return list(chain.from_iterable(ids))
 
 @patch
 def encode(self: Tokenizer, s: str, bos: bool = False, eos: bool = False,
