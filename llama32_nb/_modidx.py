@@ -155,6 +155,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE.__init__': ( 'tokenizer.html#batchbpe.__init__',
                                                                                   'llama32_nb/tokenizer.py'),
+                                      'llama32_nb.tokenizer.BatchBPE._build_hash': ( 'tokenizer.html#batchbpe._build_hash',
+                                                                                     'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE._lookup': ( 'tokenizer.html#batchbpe._lookup',
                                                                                  'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE.one': ('tokenizer.html#batchbpe.one', 'llama32_nb/tokenizer.py'),

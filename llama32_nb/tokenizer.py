@@ -225,6 +225,7 @@ def encode_segments(s: str) -> list[str]:
 
 # %% ../nbs/01_tokenizer.ipynb #51f0148c
 _INF = 1 << 30                                               # "not a token" in the numpy arrays (ranks are smaller)
+_MULT = np.uint64(0x9E3779B97F4A7C15)                        # Fibonacci hashing of pair keys
 
 def pair_table(ranks: dict[bytes, int]) -> tuple[dict[int, int], int]:
     "`({a << shift | b: rank of bytes(a) + bytes(b)}, shift)` for every pair of tokens whose concatenation is a token."
@@ -259,11 +260,39 @@ class BatchBPE:
         self.byte_ids = [ranks[bytes([i])] for i in range(256)]
         self.byte_arr = np.array(self.byte_ids, np.int64)
         self.byte_pairs = np.array([ranks.get(bytes([x, y]), _INF) for x in range(256) for y in range(256)], np.int64)
+        self._build_hash()
+
+    def _build_hash(self):
+        "Open addressing (linear probing, load <= 1/3) over the pair keys, filled round by round with numpy."
+        n = len(self.keys); bits = max(3 * n, 2).bit_length()
+        self.hmask, self.hshift = (1 << bits) - 1, np.uint64(64 - bits)
+        self.hkeys = np.full(1 << bits, -1, np.int64); self.hvals = np.full(1 << bits, _INF, np.int64)
+        slot = ((self.keys.astype(np.uint64) * _MULT) >> self.hshift).astype(np.int64)
+        todo = np.arange(n)
+        while len(todo):                                       # each free slot goes to the first key that wants it
+            s = slot[todo]; free = self.hkeys[s] == -1
+            won, first = np.unique(s[free], return_index=True)
+            w = todo[free][first]
+            self.hkeys[won], self.hvals[won] = self.keys[w], self.vals[w]
+            placed = np.zeros(n, bool); placed[w] = True
+            todo = todo[~placed[todo]]; slot[todo] = (slot[todo] + 1) & self.hmask
 
     def _lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        "Rank of each pair `(a[i], b[i])` glued together, `_INF` if that is not a token."
         q = (a << self.shift) | b
-        i = np.searchsorted(self.keys, q); i[i == len(self.keys)] = 0
-        return np.where(self.keys[i] == q, self.vals[i], _INF)
+        if len(q) < 512:                                       # small: one binary search call is cheapest
+            i = np.searchsorted(self.keys, q); i[i == len(self.keys)] = 0
+            return np.where(self.keys[i] == q, self.vals[i], _INF)
+        s = ((q.astype(np.uint64) * _MULT) >> self.hshift).astype(np.int64)
+        k = self.hkeys[s]; out = self.hvals[s]
+        miss = k != q; out[miss] = _INF
+        i = np.flatnonzero(miss & (k != -1))                   # collided: keep probing until hit or empty slot
+        q, s = q[i], s[i]
+        while len(i):
+            s = (s + 1) & self.hmask; k = self.hkeys[s]
+            hit = k == q; out[i[hit]] = self.hvals[s[hit]]
+            go = ~hit & (k != -1); i, q, s = i[go], q[go], s[go]
+        return out
 
     def one(self, piece: bytes) -> list[int]:
         "One pre-token (whole-piece lookup first, like tiktoken)."
@@ -274,49 +303,49 @@ class BatchBPE:
 
     def __call__(self, pieces: Sequence[bytes]) -> list[list[int]]:
         "The ids of each pre-token, identical to `[bpe_merge(p, ranks) for p in pieces]`."
-        get = self.ranks.get
-        res: list = [None] * len(pieces)
-        todo = []                                              # indices for the numpy rounds
+        get, res, todo = self.ranks.get, [None] * len(pieces), []
         for i, p in enumerate(pieces):
             if (r := get(p)) is not None: res[i] = [r]
-            elif len(p) > self.max_len: res[i] = bpe_merge(p, self.ranks)
-            else: todo.append(i)
+            elif len(p) > self.max_len or len(p) < 2: res[i] = bpe_merge(p, self.ranks)
+            else: todo.append(i)                               # these go through the numpy rounds
         if len(todo) < self.handoff:
             for i in todo: res[i] = self.one(pieces[i])
             return res
-        which = np.array(todo, np.int64)
         lens = np.fromiter((len(pieces[i]) for i in todo), np.int64, len(todo))
         raw = np.frombuffer(b"".join([pieces[i] for i in todo]), np.uint8)
+        n = len(raw)
         ids, raw = self.byte_arr[raw], raw.astype(np.int64)
-        pr = np.empty(len(ids), np.int64)                      # pr[j]: rank of parts j, j+1 glued (∞ at a piece's end)
-        pr[:-1] = self.byte_pairs[(raw[:-1] << 8) | raw[1:]]
-        ends = np.cumsum(lens); pr[ends - 1] = _INF
-        while True:
-            starts = ends - lens
-            m = np.minimum.reduceat((pr << 32) | np.arange(len(pr)), starts)   # lowest rank, then leftmost
+        ends = np.cumsum(lens); starts = ends - lens
+        pos = np.arange(n + 1)
+        # comp[j] = rank of (part at j, next part) << 32 | j; _INF at a piece's last part, at absorbed parts and at the
+        # extra slot n (so every piece has an end index for reduceat). Its minimum = lowest rank, then leftmost.
+        comp = np.full(n + 1, _INF, np.int64)
+        comp[:n - 1] = self.byte_pairs[(raw[:-1] << 8) | raw[1:]]; comp[ends - 1] = _INF
+        comp = (comp << 32) | pos
+        nxt, prv = pos[1:].copy(), pos[:-1] - 1                # linked list of the parts (global byte positions)
+        alive = np.ones(n, bool)
+        s_act, e_act = starts, ends                            # pieces still merging
+        while len(s_act) >= self.handoff:
+            se = np.empty(2 * len(s_act), np.int64); se[0::2] = s_act; se[1::2] = e_act
+            m = np.minimum.reduceat(comp, se)[0::2]            # per piece: (lowest rank, leftmost) in one value
             r = m >> 32
-            keep, act = None, r < _INF
-            if not act.all():                                  # finished pieces leave the arrays
-                keep = np.repeat(act, lens)
-                flat, p = ids[~keep].tolist(), 0
-                for i, n in zip(which[~act].tolist(), lens[~act].tolist()): res[i] = flat[p:p + n]; p += n
-                which, lens, starts, ends, r, m = which[act], lens[act], starts[act], ends[act], r[act], m[act]
-            if len(lens) < self.handoff:                       # the last few: continue in Python from their parts
-                flat, p = (ids if keep is None else ids[keep]).tolist(), 0
-                for i, n in zip(which.tolist(), lens.tolist()):
-                    res[i] = bpe_merge_ids(flat[p:p + n], self.table, self.shift); p += n
-                return res
-            k = m & 0xFFFFFFFF                                 # merge parts k and k+1 of every unfinished piece
-            mask = np.ones(len(ids), bool) if keep is None else keep
-            mask[k + 1] = False
-            kn = (np.cumsum(mask) - 1)[k]                      # where part k lands after the deletions
-            right, left = k + 2 < ends, k > starts
-            ids, pr = ids[mask], pr[mask]
-            ids[kn] = r
-            lens = lens - 1; ends = np.cumsum(lens)
-            kr = kn[right]; pr[kr] = self._lookup(r[right], ids[kr + 1])
-            pr[kn[~right]] = _INF
-            kl = kn[left] - 1; pr[kl] = self._lookup(ids[kl], r[left])
+            if not (act := r < _INF).all():                    # no token pair left: that piece is finished
+                s_act, e_act, r, m = s_act[act], e_act[act], r[act], m[act]
+                if len(s_act) < self.handoff: break
+            k = m & 0xFFFFFFFF
+            j = nxt[k]                                         # the part absorbed into part k
+            alive[j] = False; comp[j] = (_INF << 32) | j
+            e = nxt[j]; nxt[k] = e; ids[k] = r
+            right = e < e_act; kr = k[right]; er = e[right]; prv[er] = kr
+            comp[kr] = (self._lookup(r[right], ids[er]) << 32) | kr
+            kn = k[~right]; comp[kn] = (_INF << 32) | kn
+            p = prv[k[k > s_act]]
+            comp[p] = (self._lookup(ids[p], r[k > s_act]) << 32) | p
+        cnt, flat = np.add.reduceat(alive, starts).tolist(), ids[alive].tolist()
+        unfinished, q = set(s_act.tolist()), 0                 # the last few continue in Python from their parts
+        for i, s, c in zip(todo, starts.tolist(), cnt):
+            res[i] = bpe_merge_ids(flat[q:q + c], self.table, self.shift) if s in unfinished else flat[q:q + c]; q += c
+        return res
 
 # %% ../nbs/01_tokenizer.ipynb #20349cb8
 _BATCH_MIN = 48                                              # fewer misses than this: merge them one by one
@@ -400,10 +429,12 @@ def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
     cache, pieces = self._cache, pat.findall(s)
     ids = list(map(cache.get, pieces))
     if None in ids:                                            # pre-tokens not seen yet: merge them all in one batch
-        try: cache.fill(list(dict.fromkeys(compress(pieces, map(operator.not_, ids)))))
+        at = list(compress(range(len(ids)), map(operator.not_, ids)))          # where they are
+        missing = list(map(pieces.__getitem__, at))
+        try: cache.fill(list(dict.fromkeys(missing)))
         except UnicodeEncodeError:                             # lone surrogates: tiktoken's fix-up
             return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
-        ids = map(cache.__getitem__, pieces)
+        list(map(ids.__setitem__, at, map(cache.__getitem__, missing)))
     return list(chain.from_iterable(ids))
 
 @patch
