@@ -5,7 +5,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from llama32_nb.decoder import Llama, LlamaConfig, ffn_size, meta_name, rope_bands, unpermute_qk
+from llama32_nb.decoder import Llama, LlamaConfig, checkpoint_state_dict, ffn_size, meta_name, rope_bands, unpermute_qk
 
 torch.set_num_threads(2)
 SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
@@ -86,10 +86,11 @@ def write_meta(ours: Llama, d, multiple_of, tie_output=True):
     "A Meta-format checkpoint (interleaved q/k rows, Meta names, explicit output.weight) from our HF-layout weights."
     c = ours.cfg
     sd = {}
-    for k, v in ours.state_dict().items():
+    for k, v in checkpoint_state_dict(ours).items():
         if "q_proj" in k: v = unpermute_qk(v, c.n_heads)
         elif "k_proj" in k: v = unpermute_qk(v, c.n_kv_heads)
         sd[meta_name(k)] = v.clone()
+    if tie_output and c.tie_embeddings: sd["output.weight"] = sd["tok_embeddings.weight"].clone()  # Meta always stores it
     d.mkdir(parents=True)
     torch.save(sd, d / "consolidated.00.pth")
     params = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,

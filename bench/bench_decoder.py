@@ -1,0 +1,141 @@
+"""Benchmark: llama32_nb's Llama vs transformers' LlamaForCausalLM on the same random weights, 2 threads.
+
+Decode tokens/s with the KV cache (fp32, bf16) at the Llama 3.2 1B shape, the fp32 share of the
+memory-bandwidth roofline, prefill tokens/s for a 512-token prompt, and training tokens/s
+(forward + backward + AdamW) on a tiny config. Not a test: prints a table with ratios.
+
+    .venv/bin/python bench/bench_decoder.py [--quick]
+"""
+import argparse, gc, sys, time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from llama32_nb.decoder import KVCache, Llama, LlamaConfig, checkpoint_state_dict
+
+torch.set_num_threads(2)
+
+
+def hf_config(c: LlamaConfig) -> transformers.LlamaConfig:
+    d = c.to_hf_dict()
+    return transformers.LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype")})
+
+
+@torch.no_grad()
+def build_pair(cfg: LlamaConfig, dtype=torch.float32, seed=0):
+    "Our model with cheap random weights, and an HF model *sharing the same tensors* (no second copy)."
+    with torch.device("meta"): ours = Llama(cfg, init=False)
+    ours = ours.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in ours.named_parameters():
+        if p.dim() == 1: p.fill_(1.0)
+        else: p.normal_(0.0, 0.02, generator=g)
+    ours.lm_head.weight = ours.embed_tokens.weight if cfg.tie_embeddings else ours.lm_head.weight
+    with torch.device("meta"): hf = transformers.LlamaForCausalLM(hf_config(cfg))
+    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in checkpoint_state_dict(ours).items()}
+    hf.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings: hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.original_inv_freq = ours.inv_freq("cpu").clone()
+    return ours.eval(), hf.eval()
+
+
+def best(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def bandwidth(gb=2.0, reps=5) -> float:
+    "Measured memory read bandwidth (bytes/s): time a sum over a tensor much larger than the caches."
+    x = torch.ones(int(gb * 1e9 / 4))
+    x.sum()
+    t = best(lambda: x.sum(), reps)
+    return x.numel() * 4 / t
+
+
+@torch.inference_mode()
+def decode_tps(ours, hf, n_new, reps, prompt_len=8):
+    "End-to-end greedy generate tokens/s with the KV cache (n_new tokens after a short prompt), best of `reps`."
+    prompt = torch.randint(0, ours.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    def ours_gen(n): return ours.generate(prompt[0], n, stop_tokens=())
+    def hf_gen(n): return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours_gen(2); hf_gen(2)
+    t = {"ours": [], "hf": []}
+    for _ in range(reps):   # interleaved, so background load hits both alike
+        for name, fn in (("ours", ours_gen), ("hf", hf_gen)):
+            t0 = time.perf_counter(); fn(n_new); t[name].append(time.perf_counter() - t0)
+    res = {k: n_new / min(v) for k, v in t.items()}
+    res["same_tokens"] = ours_gen(n_new) == hf_gen(n_new)[0, prompt_len:].tolist()
+    return res
+
+
+@torch.inference_mode()
+def prefill_tps(ours, hf, T, reps):
+    toks = torch.randint(0, ours.cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
+    def o(): ours(toks, 0, KVCache(ours.cfg, 1, T, ours.dtype), last_only=True)
+    def h(): hf(toks, use_cache=True, logits_to_keep=1)
+    o(); h()
+    return {"ours": T / best(o, reps), "hf": T / best(h, reps)}
+
+
+def train_tps(cfg, B, T, steps, reps):
+    ours, hf = build_pair(cfg)
+    # independent copies of the weights so each optimizer owns its own parameters
+    hf = transformers.LlamaForCausalLM(hf_config(cfg)); hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.clone() for k, v in checkpoint_state_dict(ours).items()}, strict=False)
+    hf.train(); ours.train()
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
+    def make_step(model, logits_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        def step():
+            loss = F.cross_entropy(logits_fn(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        step()
+        return step
+    steps_fn = {"ours": make_step(ours, ours), "hf": make_step(hf, lambda t: hf(t).logits)}
+    t = {"ours": [], "hf": []}
+    for _ in range(reps):   # interleaved, best of reps
+        for name, fn in steps_fn.items():
+            t0 = time.perf_counter()
+            for _ in range(steps): fn()
+            t[name].append(time.perf_counter() - t0)
+    return {k: B * T * steps / min(v) for k, v in t.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer tokens/reps (smoke run)")
+    args = ap.parse_args()
+    n_new, reps = (6, 1) if args.quick else (16, 3)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    rows = []
+    bw = bandwidth()
+    print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s")
+
+    cfg = LlamaConfig.llama32_1b()
+    t = time.time(); ours, hf = build_pair(cfg, torch.float32); print(f"built 1B pair (shared fp32 weights) in {time.time() - t:.1f}s")
+    weight_bytes = ours.num_params() * 4   # every weight is read once per decoded token (tied embedding = output matrix)
+    r = decode_tps(ours, hf, n_new, reps)
+    roof = bw / weight_bytes
+    rows.append(("decode 1B fp32 (tok/s)", r["ours"], r["hf"], f"same tokens: {r['same_tokens']}; roofline {roof:.2f} tok/s -> ours at {r['ours'] / roof:.0%}"))
+    r = prefill_tps(ours, hf, 512, 1 if args.quick else 2)
+    rows.append(("prefill 1B fp32, 512 tok (tok/s)", r["ours"], r["hf"], ""))
+    ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
+    hf.model.rotary_emb.inv_freq = ours.inv_freq("cpu").clone()   # keep HF's RoPE buffer fp32, like ours
+    gc.collect()
+    r = decode_tps(ours, hf, n_new, reps)
+    roof16 = bw / (ours.num_params() * 2)
+    rows.append(("decode 1B bf16 (tok/s)", r["ours"], r["hf"], f"same tokens: {r['same_tokens']}; roofline {roof16:.2f} tok/s -> ours at {r['ours'] / roof16:.0%}"))
+    del ours, hf; gc.collect()
+
+    tcfg = LlamaConfig.tiny(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
+    r = train_tps(tcfg, 8, 256, 3, reps + 2)
+    rows.append(("train tiny fp32 (tok/s)", r["ours"], r["hf"], "dim 256, 4 layers, B=8, T=256, AdamW"))
+
+    print(f"\n{'benchmark':36}{'ours':>10}{'transformers':>14}{'ratio':>8}  notes")
+    for name, o, h, note in rows: print(f"{name:36}{o:10.2f}{h:14.2f}{o / h:8.2f}x  {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
