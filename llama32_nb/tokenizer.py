@@ -303,16 +303,21 @@ class BatchBPE:
 
     def __call__(self, pieces: Sequence[bytes]) -> list[list[int]]:
         "The ids of each pre-token, identical to `[bpe_merge(p, ranks) for p in pieces]`."
-        get, res, todo = self.ranks.get, [None] * len(pieces), []
-        for i, p in enumerate(pieces):
-            if (r := get(p)) is not None: res[i] = [r]
-            elif len(p) > self.max_len or len(p) < 2: res[i] = bpe_merge(p, self.ranks)
-            else: todo.append(i)                               # these go through the numpy rounds
+        n, res, lens = len(pieces), [None] * len(pieces), list(map(len, pieces))
+        if n and list(map(self.ranks.get, pieces)).count(None) == n and 2 <= min(lens) and max(lens) <= self.max_len:
+            todo, sel = range(n), pieces                       # the usual case (cache misses): all go to the rounds
+        else:
+            get, todo = self.ranks.get, []
+            for i, p in enumerate(pieces):
+                if (r := get(p)) is not None: res[i] = [r]
+                elif len(p) > self.max_len or len(p) < 2: res[i] = bpe_merge(p, self.ranks)
+                else: todo.append(i)                           # these go through the numpy rounds
+            sel, lens = [pieces[i] for i in todo], [lens[i] for i in todo]
         if len(todo) < self.handoff:
             for i in todo: res[i] = self.one(pieces[i])
             return res
-        lens = np.fromiter((len(pieces[i]) for i in todo), np.int64, len(todo))
-        raw = np.frombuffer(b"".join([pieces[i] for i in todo]), np.uint8)
+        lens = np.array(lens, np.int64)
+        raw = np.frombuffer(b"".join(sel), np.uint8)
         n = len(raw)
         ids, raw = self.byte_arr[raw], raw.astype(np.int64)
         ends = np.cumsum(lens); starts = ends - lens
@@ -336,11 +341,11 @@ class BatchBPE:
             j = nxt[k]                                         # the part absorbed into part k
             alive[j] = False; comp[j] = (_INF << 32) | j
             e = nxt[j]; nxt[k] = e; ids[k] = r
-            right = e < e_act; kr = k[right]; er = e[right]; prv[er] = kr
-            comp[kr] = (self._lookup(r[right], ids[er]) << 32) | kr
+            right, left = e < e_act, k > s_act                 # k has a next part / a previous part in its piece
+            kr = k[right]; er = e[right]; prv[er] = kr; p = prv[k[left]]
+            new = self._lookup(np.concatenate((r[right], ids[p])), np.concatenate((ids[er], r[left])))  # one call
+            comp[kr] = (new[:len(kr)] << 32) | kr; comp[p] = (new[len(kr):] << 32) | p
             kn = k[~right]; comp[kn] = (_INF << 32) | kn
-            p = prv[k[k > s_act]]
-            comp[p] = (self._lookup(ids[p], r[k > s_act]) << 32) | p
         cnt, flat = np.add.reduceat(alive, starts).tolist(), ids[alive].tolist()
         unfinished, q = set(s_act.tolist()), 0                 # the last few continue in Python from their parts
         for i, s, c in zip(todo, starts.tolist(), cnt):

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from llama32_nb.core import data_dir
 from llama32_nb.tokenizer import (Tokenizer, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS,
     bpe_merge_simple, bpe_merge_heap, split_long_runs, encode_segments, train_bpe, pretokenize, read_tiktoken_bpe,
-    write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS, _ASCII_RE)
+    write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS, _ASCII_RE,
+    BatchBPE, bpe_merge_ids, _INF)
 
 LANGS = ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
 
@@ -172,6 +173,32 @@ def test_bpe_heap_equals_simple_and_tiktoken(tok, meta):
         assert bpe_merge_heap(s, ranks) == ref
     long = b"ab" * 5000 + b"a" * 3000
     assert bpe_merge_heap(long, ranks) == meta.model._encode_single_piece(long)
+
+
+def test_batch_bpe_equals_tiktoken(tok, meta):
+    "numpy lock-step BPE (hash + binary-search lookups, Python hand-off, heap for long pieces) == tiktoken."
+    bb = tok._cache.bpe
+    q = np.concatenate([bb.keys[::7], np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
+    a, b = q >> bb.shift, q & ((1 << bb.shift) - 1)
+    want = [bb.table.get(x, _INF) for x in q.tolist()]
+    assert bb._lookup(a, b).tolist() == want and bb._lookup(a[:100], b[:100]).tolist() == want[:100]
+    rng = random.Random(1)
+    alphabet = "aab  \n\t.-_0123éü€😀ไกदि"
+    for n_pieces in (3, 47, 48, 600):
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 160))).encode() for _ in range(n_pieces)]
+        pieces += [b"", b"a", b" the", b"x" * 300]                     # empty, one byte, a whole token, a long run
+        assert bb(pieces) == [meta.model._encode_single_piece(p) if p else [] for p in pieces]
+    words = list(dict.fromkeys(p.encode() for p in pretokenize((data_dir() / "lang" / "th.txt").read_text()[:60_000])))
+    assert bb(words) == [meta.model._encode_single_piece(w) for w in words]
+    ids = [bb.byte_ids[c] for c in b" unbelievably"]
+    assert bpe_merge_ids(ids, bb.table, bb.shift) == meta.model._encode_single_piece(b" unbelievably")
+
+
+def test_cold_cache_encode_matches_meta(tok, meta):
+    "A fresh piece cache (every pre-token a miss, merged in batches) gives Meta's ids."
+    texts = [(data_dir() / "lang" / f"{l}.txt").read_text()[:40_000] for l in LANGS]
+    tok._cache.reset()
+    assert [tok.encode(t) for t in texts] == [meta.encode(t, bos=False, eos=False) for t in texts]
 
 
 def test_split_long_runs_matches_meta(meta):
