@@ -6,7 +6,7 @@ section of `report.md`. Stages so far: tokenizer (train our BPE on the corpus, c
 real Llama 3 vocabulary). Later issues add one stage each (pretraining, pruning, distillation,
 post-training, vision, long context, quantized export).
 
-    python scripts/recipe.py [--out runs/NAME] [--stages tokenizer,...]
+    python scripts/recipe.py [--out runs/NAME] [--stages tokenizer,...] [--ship]
 """
 from __future__ import annotations
 import argparse, json, sys, time
@@ -23,8 +23,8 @@ from llama32_nb.core import data_dir, set_seed, set_threads
 
 class Run:
     "A run folder: artifacts, figures and a markdown report built section by section."
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, ship: bool = False):
+        self.out, self.ship = out, ship
         out.mkdir(parents=True, exist_ok=True)
         self.sections: list[str] = []
         self.metrics: dict = {}
@@ -105,7 +105,7 @@ def _load_run_tokenizer(run: Run):
 
 def stage_pretraining(run: Run):
     "Pretrain the tiny Llama on tiny Shakespeare with the tokenizer stage's vocabulary; loss curves, perplexity, throughput."
-    import math, os, shutil
+    import shutil
     import torch
     from llama32_nb.pretraining import (pretrain_tiny_llama, plot_history, load_artifacts, save_artifacts, evaluate,
                                         corpus_blocks, artifacts_dir)
@@ -117,7 +117,7 @@ def stage_pretraining(run: Run):
     m16, _ = load_artifacts(run.out / "tiny-llama", device=tr.device)
     m16 = m16.to(torch.bfloat16).float()
     f["final_val_loss_bf16_weights"] = evaluate(m16, val, 16)
-    if os.environ.get("LLAMA32_NB_SHIP") == "1":              # regenerate the repository's artifacts/tiny-llama
+    if run.ship:                                              # regenerate the repository's artifacts/tiny-llama
         dest = artifacts_dir() / "tiny-llama"
         if dest.exists(): shutil.rmtree(dest)
         save_artifacts(tr.model, tok, dest, dtype=torch.bfloat16, extra=f)
@@ -173,11 +173,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/<timestamp>)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
+    ap.add_argument("--ship", action="store_true", help="also overwrite the repository's shipped artifacts/ with this run's")
     args = ap.parse_args(argv)
     names = [s for s in args.stages.split(",") if s]
     if bad := [s for s in names if s not in STAGES]: ap.error(f"unknown stage(s) {bad}; known: {list(STAGES)}")
     set_seed(0); set_threads()
-    run = Run(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run = Run(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"), ship=args.ship)
     t0 = time.time()
     for name in names:
         ts = time.time(); print(f"== stage {name}", flush=True)
