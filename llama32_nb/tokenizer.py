@@ -225,11 +225,13 @@ def encode_segments(s: str) -> list[str]:
 
 # %% ../nbs/01_tokenizer.ipynb #51f0148c
 _INF = 1 << 30                                               # "not a token" in the numpy arrays (ranks are smaller)
+_INF_HI, _LO = _INF << 32, (1 << 32) - 1                     # comp = rank << 32 | position
 _MULT = np.uint64(0x9E3779B97F4A7C15)                        # Fibonacci hashing of pair keys
 
 def pair_table(ranks: dict[bytes, int]) -> tuple[dict[int, int], int]:
-    "`({a << shift | b: rank of bytes(a) + bytes(b)}, shift)` for every pair of tokens whose concatenation is a token."
-    shift, get, table = max(len(ranks) - 1, 1).bit_length(), ranks.get, {}
+    """`({a << shift | b: rank of bytes(a) + bytes(b)}, shift)` for every pair of tokens whose concatenation is a token.
+    `(1 << shift) - 1` is never a token id (`BatchBPE` uses it as a separator)."""
+    shift, get, table = len(ranks).bit_length(), ranks.get, {}
     for t, r in ranks.items():
         for i in range(1, len(t)):
             a = get(t[:i])
@@ -255,6 +257,7 @@ class BatchBPE:
         if len(ranks) >= _INF: raise ValueError("vocabulary too large for BatchBPE")
         self.ranks, self.handoff, self.max_len = ranks, handoff, max_len
         self.table, self.shift = pair_table(ranks)
+        self.sep = (1 << self.shift) - 1                       # not a token: no pair with it is in the table
         keys = np.fromiter(self.table.keys(), np.int64, len(self.table)); order = np.argsort(keys)
         self.keys, self.vals = keys[order], np.fromiter(self.table.values(), np.int64, len(self.table))[order]
         self.byte_ids = [ranks[bytes([i])] for i in range(256)]
@@ -303,54 +306,59 @@ class BatchBPE:
 
     def __call__(self, pieces: Sequence[bytes]) -> list[list[int]]:
         "The ids of each pre-token, identical to `[bpe_merge(p, ranks) for p in pieces]`."
-        n, res, lens = len(pieces), [None] * len(pieces), list(map(len, pieces))
-        if n and list(map(self.ranks.get, pieces)).count(None) == n and 2 <= min(lens) and max(lens) <= self.max_len:
-            todo, sel = range(n), pieces                       # the usual case (cache misses): all go to the rounds
-        else:
-            get, todo = self.ranks.get, []
-            for i, p in enumerate(pieces):
-                if (r := get(p)) is not None: res[i] = [r]
-                elif len(p) > self.max_len or len(p) < 2: res[i] = bpe_merge(p, self.ranks)
-                else: todo.append(i)                           # these go through the numpy rounds
-            sel, lens = [pieces[i] for i in todo], [lens[i] for i in todo]
-        if len(todo) < self.handoff:
-            for i in todo: res[i] = self.one(pieces[i])
-            return res
-        lens = np.array(lens, np.int64)
-        raw = np.frombuffer(b"".join(sel), np.uint8)
-        n = len(raw)
-        ids, raw = self.byte_arr[raw], raw.astype(np.int64)
-        ends = np.cumsum(lens); starts = ends - lens
-        pos = np.arange(n + 1)
-        # comp[j] = rank of (part at j, next part) << 32 | j; _INF at a piece's last part, at absorbed parts and at the
-        # extra slot n (so every piece has an end index for reduceat). Its minimum = lowest rank, then leftmost.
-        comp = np.full(n + 1, _INF, np.int64)
-        comp[:n - 1] = self.byte_pairs[(raw[:-1] << 8) | raw[1:]]; comp[ends - 1] = _INF
-        comp = (comp << 32) | pos
-        nxt, prv = pos[1:].copy(), pos[:-1] - 1                # linked list of the parts (global byte positions)
-        alive = np.ones(n, bool)
-        s_act, e_act = starts, ends                            # pieces still merging
+        return list(map(list, self.merge(pieces)))
+
+    def merge(self, pieces: Sequence[bytes], new: bool = False) -> list[tuple[int, ...]]:
+        "Like calling, with tuples of ids. `new=True` promises that no piece is a whole token (cache misses): no check."
+        n, lens = len(pieces), list(map(len, pieces))
+        if n and 2 <= min(lens) and max(lens) <= self.max_len and (new or list(map(self.ranks.get, pieces)).count(None) == n):
+            return self._rounds(pieces, lens)                  # the usual case (cache misses): all go to the rounds
+        res, get, todo = [None] * n, self.ranks.get, []
+        for i, p in enumerate(pieces):
+            if (r := get(p)) is not None: res[i] = (r,)
+            elif len(p) > self.max_len or len(p) < 2: res[i] = tuple(bpe_merge(p, self.ranks))
+            else: todo.append(i)                               # these go through the numpy rounds
+        for i, t in zip(todo, self._rounds([pieces[i] for i in todo], [lens[i] for i in todo])): res[i] = t
+        return res
+
+    def _rounds(self, sel: Sequence[bytes], lens: list[int]) -> list[tuple[int, ...]]:
+        "Lock-step merging of `sel` (2..max_len bytes each, none a whole token)."
+        if len(sel) < self.handoff: return [tuple(self.one(p)) for p in sel]
+        npc, lens = len(sel), np.array(lens, np.int64)
+        raw = np.frombuffer(b"".join((b"\0", b"\0".join(sel), b"\0")), np.uint8).astype(np.int64)
+        n = len(raw)                                           # layout: sep, piece 0, sep, piece 1, ..., sep
+        ends = np.cumsum(lens + 1); starts = ends - lens       # piece i = [starts[i], ends[i]); ends[i] is a separator
+        ids = self.byte_arr[raw]; ids[0] = self.sep; ids[ends] = self.sep
+        pos = np.arange(n)
+        # comp[j] = rank of (part at j, next part) << 32 | j; _INF at separators, at a piece's last part and at absorbed
+        # parts. Its minimum over a piece = lowest rank, then leftmost.
+        comp = np.empty(n, np.int64)
+        comp[:-1] = self.byte_pairs[(raw[:-1] << 8) | raw[1:]]; comp[0] = comp[ends] = comp[ends - 1] = _INF
+        comp <<= 32; comp |= pos
+        nxt, prv = pos + 1, pos - 1                            # linked list of the parts (fixed positions)
+        alive = np.ones(n, bool); alive[0] = alive[ends] = False
+        s_act = starts                                         # starts of the pieces still merging
         while len(s_act) >= self.handoff:
-            se = np.empty(2 * len(s_act), np.int64); se[0::2] = s_act; se[1::2] = e_act
-            m = np.minimum.reduceat(comp, se)[0::2]            # per piece: (lowest rank, leftmost) in one value
+            # a reduceat segment runs to the next active start: pieces in between are finished (all ranks _INF)
+            m = np.minimum.reduceat(comp, s_act)               # per piece: (lowest rank, leftmost) in one value
             r = m >> 32
             if not (act := r < _INF).all():                    # no token pair left: that piece is finished
-                s_act, e_act, r, m = s_act[act], e_act[act], r[act], m[act]
+                s_act, r, m = s_act[act], r[act], m[act]
                 if len(s_act) < self.handoff: break
-            k = m & 0xFFFFFFFF
-            j = nxt[k]                                         # the part absorbed into part k
-            alive[j] = False; comp[j] = (_INF << 32) | j
-            e = nxt[j]; nxt[k] = e; ids[k] = r
-            right, left = e < e_act, k > s_act                 # k has a next part / a previous part in its piece
-            kr = k[right]; er = e[right]; prv[er] = kr; p = prv[k[left]]
-            new = self._lookup(np.concatenate((r[right], ids[p])), np.concatenate((ids[er], r[left])))  # one call
-            comp[kr] = (new[:len(kr)] << 32) | kr; comp[p] = (new[len(kr):] << 32) | p
-            kn = k[~right]; comp[kn] = (_INF << 32) | kn
-        cnt, flat = np.add.reduceat(alive, starts).tolist(), ids[alive].tolist()
-        unfinished, q = set(s_act.tolist()), 0                 # the last few continue in Python from their parts
-        for i, s, c in zip(todo, starts.tolist(), cnt):
-            res[i] = bpe_merge_ids(flat[q:q + c], self.table, self.shift) if s in unfinished else flat[q:q + c]; q += c
+            k = m & _LO
+            j = nxt[k]; e = nxt[j]                             # j is absorbed into k; e follows (maybe a separator)
+            nxt[k] = e; prv[e] = k; ids[k] = r
+            alive[j] = False; comp[j] = _INF_HI | j
+            p = prv[k]                                         # the part before k (maybe a separator)
+            new = self._lookup(np.concatenate((r, ids[p])), np.concatenate((ids[e], r)))   # separator pairs -> _INF
+            comp[k] = (new[:len(k)] << 32) | k; comp[p] = (new[len(k):] << 32) | p
+        b = np.zeros(npc + 1, np.int64); np.cumsum(np.add.reduceat(alive, starts), out=b[1:])
+        flat, b = tuple(ids[alive].tolist()), b.tolist()
+        res = list(map(flat.__getitem__, map(slice, b[:-1], b[1:])))         # each piece's parts, as a tuple
+        for i in np.searchsorted(starts, s_act).tolist():      # the last few continue in Python from their parts
+            res[i] = tuple(bpe_merge_ids(list(res[i]), self.table, self.shift))
         return res
+
 
 # %% ../nbs/01_tokenizer.ipynb #20349cb8
 _BATCH_MIN = 48                                              # fewer misses than this: merge them one by one
@@ -367,12 +375,13 @@ class _PieceCache(dict):
             try: self[b.decode("utf-8")] = (r,)
             except UnicodeDecodeError: pass
         self.base_len = len(self)
-    def fill(self, pieces: Sequence[str]) -> None:
-        "Merge `pieces` (distinct, not cached yet) together and remember their ids."
-        bs = [p.encode("utf-8") for p in pieces]
-        ids = self.bpe(bs) if len(bs) >= _BATCH_MIN else [bpe_merge(b, self.ranks) for b in bs]
+    def fill(self, pieces: Sequence[str]) -> list[tuple[int, ...]]:
+        "Merge `pieces` (distinct, not cached yet) together, remember and return their ids."
+        bs = list(map(str.encode, pieces))                     # UTF-8; never a whole token (those are all cached)
+        ids = self.bpe.merge(bs, new=True) if len(bs) >= _BATCH_MIN else [tuple(bpe_merge(b, self.ranks)) for b in bs]
         if len(self) - self.base_len + len(bs) > self.limit: self.reset()
-        self.update(zip(pieces, map(tuple, ids)))
+        self.update(zip(pieces, ids))
+        return ids
     def __missing__(self, piece: str) -> tuple[int, ...]:
         ids = tuple(bpe_merge(piece.encode("utf-8"), self.ranks))
         if len(self) - self.base_len > self.limit: self.reset()
@@ -434,12 +443,16 @@ def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
     cache, pieces = self._cache, pat.findall(s)
     ids = list(map(cache.get, pieces))
     if None in ids:                                            # pre-tokens not seen yet: merge them all in one batch
-        at = list(compress(range(len(ids)), map(operator.not_, ids)))          # where they are
+        at, i, find = [], -1, ids.index                        # where they are: C-level scans from one to the next
+        try:
+            while True: i = find(None, i + 1); at.append(i)
+        except ValueError: pass
         missing = list(map(pieces.__getitem__, at))
-        try: cache.fill(list(dict.fromkeys(missing)))
+        new = list(dict.fromkeys(missing))
+        try: new = dict(zip(new, cache.fill(new)))            # a small dict: cheaper to look up than the cache
         except UnicodeEncodeError:                             # lone surrogates: tiktoken's fix-up
             return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
-        list(map(ids.__setitem__, at, map(cache.__getitem__, missing)))
+        list(map(ids.__setitem__, at, map(new.__getitem__, missing)))
     return list(chain.from_iterable(ids))
 
 @patch

@@ -194,6 +194,20 @@ def test_batch_bpe_equals_tiktoken(tok, meta):
     assert bpe_merge_ids(ids, bb.table, bb.shift) == meta.model._encode_single_piece(b" unbelievably")
 
 
+def test_batch_bpe_separator_and_merge(tok, meta):
+    "The separator id is never a token (also for a power-of-two vocabulary); `merge(new=True)` gives tuples."
+    bb = tok._cache.bpe
+    assert len(tok.mergeable_ranks) <= bb.sep < 1 << bb.shift
+    words = [w for w in dict.fromkeys(p.encode() for p in pretokenize((data_dir() / "lang" / "hi.txt").read_text()[:20_000]))
+             if w not in tok.mergeable_ranks and 2 <= len(w) <= bb.max_len]
+    assert len(words) >= 48 and bb.merge(words, new=True) == [tuple(meta.model._encode_single_piece(w)) for w in words]
+    ranks = {bytes([i]): i for i in range(256)}                     # 256 tokens: the old shift would make 255 the separator
+    small = BatchBPE(ranks)
+    assert small.sep >= 256
+    pieces = [bytes([i, 255, 255 - i]) for i in range(100)]
+    assert small(pieces) == [list(p) for p in pieces]
+
+
 def test_cold_cache_encode_matches_meta(tok, meta):
     "A fresh piece cache (every pre-token a miss, merged in batches) gives Meta's ids."
     texts = [(data_dir() / "lang" / f"{l}.txt").read_text()[:40_000] for l in LANGS]
