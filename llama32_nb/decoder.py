@@ -15,9 +15,9 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['ROPE_SCALING_KEYS', 'STOP_TOKENS', 'ffn_size', 'LlamaConfig', 'RMSNorm', 'rope_frequencies', 'rope_bands',
            'rope_cos_sin', 'rotate_half', 'apply_rope', 'permute_qk', 'unpermute_qk', 'causal_mask',
-           'attention_reference', 'attention', 'KVCache', 'kv_cache_bytes', 'Attention', 'FeedForward', 'Block',
-           'Llama', 'param_breakdown', 'sample_top_p', 'sample_next', 'attention_probs', 'CheckpointError', 'hf_name',
-           'meta_name', 'expected_shapes', 'checkpoint_state_dict', 'fuse_state_dict']
+           'attention_reference', 'attention', 'KVCache', 'kv_cache_bytes', 'linear', 'Linear', 'Attention',
+           'FeedForward', 'Block', 'Llama', 'param_breakdown', 'sample_top_p', 'sample_next', 'attention_probs',
+           'CheckpointError', 'hf_name', 'meta_name', 'expected_shapes', 'checkpoint_state_dict', 'fuse_state_dict']
 
 # %% ../nbs/02_decoder.ipynb #fd6f50d1
 def ffn_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -279,6 +279,23 @@ def kv_cache_bytes(cfg: LlamaConfig, n_tokens: int, dtype=torch.bfloat16, batch_
     "Bytes of K and V cache for `n_tokens` tokens: 2 * n_layers * Hkv * head_dim * itemsize per token."
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size() * n_tokens * batch_size
 
+# %% ../nbs/02_decoder.ipynb #4b6955a3
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, chunks: int = 4) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`. For a single fp32 row on the CPU (a decode-time GEMV, which MKL runs on one
+    thread) the rows of `weight` are cut into `chunks` blocks multiplied as one batched matmul, which runs
+    on all intra-op threads; equal to `F.linear` up to fp32 rounding."""
+    o, i = weight.shape
+    if (x.numel() != i or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or bias is not None or o % chunks or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    y = torch.bmm(x.reshape(1, 1, i).expand(chunks, 1, i), weight.view(chunks, o // chunks, i).transpose(1, 2))
+    return y.view(*x.shape[:-1], o)     # [chunks, 1, o/chunks] is the output row, in order
+
+class Linear(nn.Linear):
+    "`nn.Linear` (same parameters, same state-dict names) whose forward is `linear`: a parallel GEMV for one fp32 row on CPU."
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return linear(x, self.weight, self.bias)
+
 # %% ../nbs/02_decoder.ipynb #fd1bf99c
 class Attention(nn.Module):
     "Multi-head self-attention with grouped kv heads, RoPE and an optional KV cache."
@@ -286,8 +303,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_heads, self.n_kv_heads, self.head_dim = layer_idx, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-        self.qkv_proj = nn.Linear(cfg.dim, sum(self.sizes), bias=False)   # [Wq; Wk; Wv] stacked
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj = Linear(cfg.dim, sum(self.sizes), bias=False)   # [Wq; Wk; Wv] stacked
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def qkv(self, x, cos, sin):
         "Projected, rotated q `[B,H,T,hd]` and k, v `[B,Hkv,T,hd]`."
@@ -309,8 +326,8 @@ class FeedForward(nn.Module):
     "SwiGLU: down(silu(gate(x)) * up(x))."
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)   # [W_gate; W_up] stacked
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)   # [W_gate; W_up] stacked
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -337,7 +354,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings: self.lm_head.weight = self.embed_tokens.weight
         self._inv_freq = {}
         if init and self.embed_tokens.weight.device.type != "meta": self.init_weights()

@@ -147,3 +147,43 @@ def test_training_step_reduces_loss():
         loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
     assert losses[-1] < losses[0] - 1
+
+
+def test_single_row_linear_fast_path(monkeypatch):
+    "`linear`: one fp32 row on CPU goes through the batched (bmm) GEMV, equal to F.linear within fp32 rounding; all else is F.linear."
+    from llama32_nb.decoder import Linear, linear
+    calls, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    for o, i in [(3072, 2048), (1000, 64), (128256 // 16, 256)]:
+        W, x = torch.randn(o, i, generator=g) * 0.02, torch.randn(i, generator=g)
+        ref = torch.nn.functional.linear(x, W)
+        with torch.inference_mode():
+            for shape in [(i,), (1, i), (1, 1, i)]:
+                n = len(calls)
+                y = linear(x.view(shape), W)
+                assert len(calls) == n + 1 and y.shape == shape[:-1] + (o,)
+                torch.testing.assert_close(y.view(-1), ref, rtol=1e-5, atol=1e-6)
+    n = len(calls)
+    W, x = torch.randn(1002, 64, generator=g), torch.randn(1, 64, generator=g)
+    xs, b = torch.randn(5, 64, generator=g), torch.randn(1002, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, W), torch.nn.functional.linear(x, W))               # rows not divisible by chunks
+        assert torch.equal(linear(xs, W), torch.nn.functional.linear(xs, W))             # several rows (prefill)
+        assert torch.equal(linear(x, W, b), torch.nn.functional.linear(x, W, b))         # bias
+        assert torch.equal(linear(x[:, :64].bfloat16(), W[:1000].bfloat16()), torch.nn.functional.linear(x.bfloat16(), W[:1000].bfloat16()))
+        Wn = W[:1000].t().contiguous().t()
+        assert not Wn.is_contiguous() and torch.equal(linear(x, Wn), torch.nn.functional.linear(x, Wn))  # non-contiguous weight
+    lin = Linear(64, 1000, bias=False)
+    y = lin(x); y.sum().backward()                                                      # training: F.linear, gradients flow
+    assert lin.weight.grad is not None and y.requires_grad
+    assert len(calls) == n
+    assert isinstance(lin, torch.nn.Linear) and list(lin.state_dict()) == ["weight"]
+
+
+def test_state_dict_names_unchanged():
+    m = Llama(LlamaConfig.tiny(n_layers=1))
+    names = set(m.state_dict())
+    assert {"layers.0.self_attn.qkv_proj.weight", "layers.0.self_attn.o_proj.weight", "layers.0.mlp.gate_up_proj.weight",
+            "layers.0.mlp.down_proj.weight", "lm_head.weight", "embed_tokens.weight"} <= names
+    assert all(type(mod).__name__ == "Linear" for n, mod in m.named_modules() if n.endswith(("_proj", "lm_head")))
