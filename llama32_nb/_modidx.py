@@ -238,6 +238,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'llama32_nb.tokenizer.split_long_runs': ('tokenizer.html#split_long_runs', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.token_spans': ('tokenizer.html#token_spans', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.train_bpe': ('tokenizer.html#train_bpe', 'llama32_nb/tokenizer.py'),
+                                      'llama32_nb.tokenizer.unicode16_pattern': ( 'tokenizer.html#unicode16_pattern',
+                                                                                  'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.vision_mask': ('tokenizer.html#vision_mask', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.write_tiktoken_bpe': ( 'tokenizer.html#write_tiktoken_bpe',
                                                                                    'llama32_nb/tokenizer.py')}}}

@@ -15,11 +15,12 @@ import regex
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LLAMA3_PATTERN', 'LLAMA3_ASCII_PATTERN', 'LLAMA3_NAMED_SPECIAL_TOKENS', 'LLAMA3_SPECIAL_TOKENS', 'MAX_ENCODE_CHARS',
-           'MAX_RUN_CHARS', 'BUILTIN_TOOLS', 'IMAGE', 'compile_pattern', 'pretokenize', 'train_bpe', 'bpe_merge_simple',
-           'bpe_merge_heap', 'bpe_merge', 'read_tiktoken_bpe', 'check_ranks', 'write_tiktoken_bpe', 'llama3_model_path',
-           'split_long_runs', 'encode_segments', 'pair_table', 'bpe_merge_ids', 'BatchBPE', 'Tokenizer', 'ToolCall',
-           'ImageRef', 'Message', 'render_tool_call', 'ChatFormat', 'vision_mask', 'token_spans', 'render_tokens_html']
+__all__ = ['LLAMA3_PATTERN', 'LLAMA3_ASCII_PATTERN', 'UNICODE17_LN_RANGES', 'LLAMA3_NAMED_SPECIAL_TOKENS',
+           'LLAMA3_SPECIAL_TOKENS', 'MAX_ENCODE_CHARS', 'MAX_RUN_CHARS', 'BUILTIN_TOOLS', 'IMAGE', 'compile_pattern',
+           'pretokenize', 'unicode16_pattern', 'train_bpe', 'bpe_merge_simple', 'bpe_merge_heap', 'bpe_merge',
+           'read_tiktoken_bpe', 'check_ranks', 'write_tiktoken_bpe', 'llama3_model_path', 'split_long_runs',
+           'encode_segments', 'pair_table', 'bpe_merge_ids', 'BatchBPE', 'Tokenizer', 'ToolCall', 'ImageRef', 'Message',
+           'render_tool_call', 'ChatFormat', 'vision_mask', 'token_spans', 'render_tokens_html']
 
 # %% ../nbs/01_tokenizer.ipynb #1c4d0f84
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -39,6 +40,30 @@ _A_S = r"\t\n\x0b\x0c\r "
 LLAMA3_ASCII_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}"
                         rf"| ?[^{_A_S}A-Za-z0-9]+[\r\n]*|[{_A_S}]*[\r\n]+|[{_A_S}]+(?![^{_A_S}])|[{_A_S}]+")
 _ASCII_RE = re.compile(LLAMA3_ASCII_PATTERN, re.ASCII)
+
+# %% ../nbs/01_tokenizer.ipynb #cd583582
+# Letters and digits that are new in Unicode 17.0 (found by comparing every code point against Meta's tokenizer).
+UNICODE17_LN_RANGES = (
+    (0x558, 0x558), (0x58B, 0x58C), (0x88F, 0x88F), (0xC5C, 0xC5C), (0xCDC, 0xCDC), (0x208F, 0x208F),
+    (0x209D, 0x209F), (0xA7CE, 0xA7CF), (0xA7D2, 0xA7D2), (0xA7D4, 0xA7D4), (0xA7DD, 0xA7DD), (0xA7E2, 0xA7E2),
+    (0xA7F1, 0xA7F1), (0xAB6C, 0xAB6D), (0x107BB, 0x107BF), (0x10940, 0x10959), (0x10EC5, 0x10EC7), (0x10ED9, 0x10EEE),
+    (0x11B0A, 0x11B0A), (0x11DB0, 0x11DDB), (0x11DE0, 0x11DE9), (0x11DF1, 0x11DF1), (0x1246F, 0x1246F), (0x12475, 0x1247F),
+    (0x12550, 0x12686), (0x16EA0, 0x16EB8), (0x16EBB, 0x16ED3), (0x16FF2, 0x16FF6), (0x187F8, 0x187FF), (0x18CD6, 0x18CDA),
+    (0x18D09, 0x18D20), (0x18D80, 0x18DF2), (0x18E00, 0x19191), (0x191A0, 0x191D2), (0x1B123, 0x1B128), (0x1B168, 0x1B168),
+    (0x1D6A6, 0x1D6A6), (0x1DF1F, 0x1DF24), (0x1DF2B, 0x1DF81), (0x1DF90, 0x1DF96), (0x1DFCD, 0x1DFFF), (0x1E6C0, 0x1E6DE),
+    (0x1E6E0, 0x1E6E2), (0x1E6E4, 0x1E6E5), (0x1E6E7, 0x1E6ED), (0x1E6F0, 0x1E6F4), (0x1E6FE, 0x1E6FF), (0x2B73A, 0x2B73F),
+    (0x2B81E, 0x2B81E), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479), (0x3D000, 0x3FC3F),
+)
+_U17 = "".join(regex.escape(chr(a)) + ("-" + regex.escape(chr(b)) if b > a else "") for a, b in UNICODE17_LN_RANGES)
+_U17_RE = regex.compile(f"[{_U17}]")
+
+def unicode16_pattern(pattern: str = LLAMA3_PATTERN) -> str | None:
+    "The Llama 3 pattern with Unicode 17.0's new letters/digits treated as tiktoken treats them (neither); None for other patterns."
+    if pattern != LLAMA3_PATTERN: return None
+    L, N = rf"(?:(?![{_U17}])\p{{L}})", rf"(?:(?![{_U17}])\p{{N}})"
+    return (pattern.replace(r"[^\r\n\p{L}\p{N}]", rf"(?:[^\r\n\p{{L}}\p{{N}}]|[{_U17}])")
+                   .replace(r"[^\s\p{L}\p{N}]", rf"(?:[^\s\p{{L}}\p{{N}}]|[{_U17}])")
+                   .replace(r"\p{L}+", L + "+").replace(r"\p{N}{1,3}", N + "{1,3}"))
 
 # %% ../nbs/01_tokenizer.ipynb #3a9d2750
 def train_bpe(word_counts: dict[str, int] | Counter, n_merges: int, verbose: bool = False) -> dict[bytes, int]:
@@ -407,6 +432,8 @@ class Tokenizer:
         self.n_words = self.vocab_size = n + len(special_tokens)
         self._pat = compile_pattern(pattern)
         self._pat_ascii = _ASCII_RE if pattern == LLAMA3_PATTERN else None     # fast path for pure-ASCII segments
+        u16 = unicode16_pattern(pattern)                                        # for text with Unicode-17-only letters
+        self._pat_u16 = compile_pattern(u16) if u16 else None
         self._cache = _PieceCache(mergeable_ranks)
         self._id_to_bytes = [b"" ] * self.n_words
         for b, r in mergeable_ranks.items(): self._id_to_bytes[r] = b
@@ -439,7 +466,8 @@ def _special_regex(self: Tokenizer, allowed: frozenset[str]) -> regex.Pattern:
 
 @patch
 def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
-    pat = self._pat_ascii if (self._pat_ascii is not None and s.isascii()) else self._pat
+    if s.isascii(): pat = self._pat_ascii or self._pat
+    else: pat = self._pat_u16 if (self._pat_u16 is not None and _U17_RE.search(s)) else self._pat
     cache, pieces = self._cache, pat.findall(s)
     ids = list(map(cache.get, pieces))
     if None in ids:                                            # pre-tokens not seen yet: merge them all in one batch

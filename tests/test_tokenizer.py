@@ -106,6 +106,19 @@ def test_parity_hypothesis(s):
     assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
 
 
+def test_every_code_point_pretokenizes_like_meta(tok, meta):
+    "Each code point in contexts that expose its letter/digit/other class: ours == Meta (incl. Unicode 17.0 additions)."
+    cps = [c for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000]
+    probes = lambda c: (chr(c) + ":A", "1" + chr(c) + "1", "a" + chr(c) + "a", " " + chr(c) + "!")
+    bad = []
+    for i in range(0, len(cps), 512):
+        block = cps[i:i + 512]
+        s = "\n".join(p for c in block for p in probes(c))
+        if tok.encode(s) != meta.encode(s, bos=False, eos=False):
+            bad += [hex(c) for c in block if any(tok.encode(p) != meta.encode(p, bos=False, eos=False) for p in probes(c))]
+    assert not bad, f"{len(bad)} code points pre-tokenize differently from Meta, e.g. {bad[:10]}"
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
 def test_ascii_fast_path_parity(s):
