@@ -329,7 +329,10 @@ class FeedForward(nn.Module):
         self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)   # [W_gate; W_up] stacked
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if x.shape[:-1].numel() > 1:   # many rows (prefill, training): two GEMMs on the halves (views) beat one 2F-wide GEMM on MKL
+            w = self.gate_up_proj.weight
+            gate, up = F.linear(x, w[:w.shape[0] // 2]), F.linear(x, w[w.shape[0] // 2:])
+        else: gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 class Block(nn.Module):
