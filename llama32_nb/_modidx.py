@@ -189,6 +189,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.Tokenizer._encode_ordinary': ( 'tokenizer.html#tokenizer._encode_ordinary',
                                                                                            'llama32_nb/tokenizer.py'),
+                                      'llama32_nb.tokenizer.Tokenizer._encode_unicode16': ( 'tokenizer.html#tokenizer._encode_unicode16',
+                                                                                            'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.Tokenizer._special_regex': ( 'tokenizer.html#tokenizer._special_regex',
                                                                                          'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.Tokenizer.decode': ( 'tokenizer.html#tokenizer.decode',

@@ -55,7 +55,7 @@ UNICODE17_LN_RANGES = (
     (0x2B81E, 0x2B81E), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479), (0x3D000, 0x3FC3F),
 )
 _U17 = "".join(regex.escape(chr(a)) + ("-" + regex.escape(chr(b)) if b > a else "") for a, b in UNICODE17_LN_RANGES)
-_U17_RE = regex.compile(f"[{_U17}]")
+_U17_SET = frozenset(chr(c) for a, b in UNICODE17_LN_RANGES for c in range(a, b + 1))
 
 def unicode16_pattern(pattern: str = LLAMA3_PATTERN) -> str | None:
     "The Llama 3 pattern with Unicode 17.0's new letters/digits treated as tiktoken treats them (neither); None for other patterns."
@@ -410,7 +410,7 @@ class _PieceCache(dict):
     def __missing__(self, piece: str) -> tuple[int, ...]:
         ids = tuple(bpe_merge(piece.encode("utf-8"), self.ranks))
         if len(self) - self.base_len > self.limit: self.reset()
-        self[piece] = ids
+        if _U17_SET.isdisjoint(piece): self[piece] = ids       # see `_encode_unicode16`: such pieces are never cached
         return ids
 
 # %% ../nbs/01_tokenizer.ipynb #9a091815
@@ -435,6 +435,8 @@ class Tokenizer:
         u16 = unicode16_pattern(pattern)                                        # for text with Unicode-17-only letters
         self._pat_u16 = compile_pattern(u16) if u16 else None
         self._cache = _PieceCache(mergeable_ranks)
+        # a vocabulary token containing such a letter would break the "always a cache miss" rule: then check all text
+        self._u17_check_all = self._pat_u16 is not None and not _U17_SET.isdisjoint(set("".join(self._cache)))
         self._id_to_bytes = [b"" ] * self.n_words
         for b, r in mergeable_ranks.items(): self._id_to_bytes[r] = b
         for s, i in self.special_tokens.items(): self._id_to_bytes[i] = s.encode("utf-8")
@@ -465,9 +467,18 @@ def _special_regex(self: Tokenizer, allowed: frozenset[str]) -> regex.Pattern:
     return cache[allowed]
 
 @patch
+def _encode_unicode16(self: Tokenizer, s: str) -> list[int]:
+    "Rare path: text with letters/digits new in Unicode 17.0, split as tiktoken does; its misses are merged but not cached."
+    get, ranks = self._cache.get, self.mergeable_ranks
+    try: return [i for p in self._pat_u16.findall(s) for i in (get(p) or bpe_merge(p.encode("utf-8"), ranks))]
+    except UnicodeEncodeError:                                 # lone surrogates: tiktoken's fix-up
+        return self._encode_unicode16(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+@patch
 def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
     if s.isascii(): pat = self._pat_ascii or self._pat
-    else: pat = self._pat_u16 if (self._pat_u16 is not None and _U17_RE.search(s)) else self._pat
+    elif self._u17_check_all and not _U17_SET.isdisjoint(set(s)): return self._encode_unicode16(s)
+    else: pat = self._pat
     cache, pieces = self._cache, pat.findall(s)
     ids = list(map(cache.get, pieces))
     if None in ids:                                            # pre-tokens not seen yet: merge them all in one batch
@@ -477,6 +488,7 @@ def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
         except ValueError: pass
         missing = list(map(pieces.__getitem__, at))
         new = list(dict.fromkeys(missing))
+        if self._pat_u16 is not None and not _U17_SET.isdisjoint(set("".join(new))): return self._encode_unicode16(s)
         try: new = dict(zip(new, cache.fill(new)))            # a small dict: cheaper to look up than the cache
         except UnicodeEncodeError:                             # lone surrogates: tiktoken's fix-up
             return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
