@@ -164,6 +164,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE._rounds': ( 'tokenizer.html#batchbpe._rounds',
                                                                                  'llama32_nb/tokenizer.py'),
+                                      'llama32_nb.tokenizer.BatchBPE._slot': ('tokenizer.html#batchbpe._slot', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE.merge': ('tokenizer.html#batchbpe.merge', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.BatchBPE.one': ('tokenizer.html#batchbpe.one', 'llama32_nb/tokenizer.py'),
                                       'llama32_nb.tokenizer.ChatFormat': ('tokenizer.html#chatformat', 'llama32_nb/tokenizer.py'),

@@ -15,7 +15,7 @@ import regex
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LLAMA3_PATTERN', 'LLAMA3_ASCII_PATTERN', 'UNICODE17_LN_RANGES', 'LLAMA3_NAMED_SPECIAL_TOKENS',
+__all__ = ['LLAMA3_PATTERN', 'LLAMA3_ASCII_PATTERN', 'LLAMA3_FAST_PATTERN', 'UNICODE17_LN_RANGES', 'LLAMA3_NAMED_SPECIAL_TOKENS',
            'LLAMA3_SPECIAL_TOKENS', 'MAX_ENCODE_CHARS', 'MAX_RUN_CHARS', 'BUILTIN_TOOLS', 'IMAGE', 'compile_pattern',
            'pretokenize', 'unicode16_pattern', 'train_bpe', 'bpe_merge_simple', 'bpe_merge_heap', 'bpe_merge',
            'read_tiktoken_bpe', 'check_ranks', 'write_tiktoken_bpe', 'llama3_model_path', 'split_long_runs',
@@ -37,9 +37,11 @@ def pretokenize(text: str, pattern: str = LLAMA3_PATTERN) -> list[str]:
 
 # %% ../nbs/01_tokenizer.ipynb #42ce35d3
 _A_S = r"\t\n\x0b\x0c\r "
-LLAMA3_ASCII_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}"
-                        rf"| ?[^{_A_S}A-Za-z0-9]+[\r\n]*|[{_A_S}]*[\r\n]+|[{_A_S}]+(?![^{_A_S}])|[{_A_S}]+")
+LLAMA3_ASCII_PATTERN = (r"'(?:[sStTmMdD]|[rR][eE]|[vV][eE]|[lL][lL])|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}"
+                        rf"| ?[^{_A_S}A-Za-z0-9]+[\r\n]*|[{_A_S}]*[\r\n]+|[{_A_S}]+(?![^{_A_S}])|[{_A_S}]")
 _ASCII_RE = re.compile(LLAMA3_ASCII_PATTERN, re.ASCII)
+# The full pattern, spelled the same way for the `regex` engine (what `Tokenizer` runs for LLAMA3_PATTERN).
+LLAMA3_FAST_PATTERN = r"'(?i:[stmd]|re|ve|ll)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s"
 
 # %% ../nbs/01_tokenizer.ipynb #cd583582
 # Letters and digits that are new in Unicode 17.0 (found by comparing every code point against Meta's tokenizer).
@@ -249,9 +251,9 @@ def encode_segments(s: str) -> list[str]:
     return [p for i in range(0, len(s), MAX_ENCODE_CHARS) for p in split_long_runs(s[i:i + MAX_ENCODE_CHARS])]
 
 # %% ../nbs/01_tokenizer.ipynb #51f0148c
-_INF = 1 << 30                                               # "not a token" in the numpy arrays (ranks are smaller)
+_INF = 1 << 26                                               # "not a token" in the numpy arrays (ranks are smaller)
 _INF_HI, _LO = _INF << 32, (1 << 32) - 1                     # comp = rank << 32 | position
-_MULT = np.uint64(0x9E3779B97F4A7C15)                        # Fibonacci hashing of pair keys
+_MULT = np.int64(0x9E3779B97F4A7C15 - (1 << 64))             # Fibonacci hashing of pair keys (2^64/phi, as int64)
 
 def pair_table(ranks: dict[bytes, int]) -> tuple[dict[int, int], int]:
     """`({a << shift | b: rank of bytes(a) + bytes(b)}, shift)` for every pair of tokens whose concatenation is a token.
@@ -278,48 +280,57 @@ def bpe_merge_ids(ids: list[int], table: dict[int, int], shift: int) -> list[int
 
 class BatchBPE:
     "tiktoken's BPE for many pre-tokens at once: numpy rounds of one merge per pre-token, Python for the last few."
-    def __init__(self, ranks: dict[bytes, int], handoff: int = 48, max_len: int = 128):
-        if len(ranks) >= _INF: raise ValueError("vocabulary too large for BatchBPE")
+    def __init__(self, ranks: dict[bytes, int], handoff: int = 16, max_len: int = 128):
         self.ranks, self.handoff, self.max_len = ranks, handoff, max_len
         self.table, self.shift = pair_table(ranks)
+        self.kbits = 2 * self.shift                            # a pair key `a << shift | b` has this many bits
+        if self.kbits + _INF.bit_length() > 63: raise ValueError(f"vocabulary too large for BatchBPE ({len(ranks):,} tokens)")
         self.sep = (1 << self.shift) - 1                       # not a token: no pair with it is in the table
-        keys = np.fromiter(self.table.keys(), np.int64, len(self.table)); order = np.argsort(keys)
-        self.keys, self.vals = keys[order], np.fromiter(self.table.values(), np.int64, len(self.table))[order]
         self.byte_ids = [ranks[bytes([i])] for i in range(256)]
         self.byte_arr = np.array(self.byte_ids, np.int64)
         self.byte_pairs = np.array([ranks.get(bytes([x, y]), _INF) for x in range(256) for y in range(256)], np.int64)
         self._build_hash()
 
-    def _build_hash(self):
-        "Open addressing (linear probing, load <= 1/3) over the pair keys, filled round by round with numpy."
-        n = len(self.keys); bits = max(3 * n, 2).bit_length()
-        self.hmask, self.hshift = (1 << bits) - 1, np.uint64(64 - bits)
-        self.hkeys = np.full(1 << bits, -1, np.int64); self.hvals = np.full(1 << bits, _INF, np.int64)
-        slot = ((self.keys.astype(np.uint64) * _MULT) >> self.hshift).astype(np.int64)
-        todo = np.arange(n)
-        while len(todo):                                       # each free slot goes to the first key that wants it
-            s = slot[todo]; free = self.hkeys[s] == -1
+    def _slot(self, q: np.ndarray) -> np.ndarray:
+        "Home slot of each key: the top bits of `key * 2^64/phi` (int64 products wrap; the mask undoes the sign)."
+        return ((q * _MULT) >> self.hshift) & self.hmask
+
+    def _build_hash(self, load_bits: int = 2):
+        """Open addressing (linear probing, load <= 1/4). A slot packs `rank << kbits | key` into one int64, so a probe
+        is one memory read; an empty slot reads as rank `_INF` with the key `sep << shift | sep`, which no query has
+        (one side of a query is always a real token). Filled round by round with numpy, lowest ranks first, so the
+        pairs met most often tend to sit in their home slot."""
+        n = len(self.table); bits = max(n << load_bits, 2).bit_length()
+        self.hmask, self.hshift, self.kmask = (1 << bits) - 1, 64 - bits, (1 << self.kbits) - 1
+        self.empty = _INF << self.kbits | self.kmask
+        self.hpack = np.full(1 << bits, self.empty, np.int64)
+        keys, vals = np.fromiter(self.table.keys(), np.int64, n), np.fromiter(self.table.values(), np.int64, n)
+        order = np.argsort(vals, kind="stable"); keys, vals = keys[order], vals[order]
+        packed, slot, todo = vals << self.kbits | keys, self._slot(keys), np.arange(n)
+        while len(todo):                                       # each free slot goes to the first (lowest-rank) key wanting it
+            s = slot[todo]; free = self.hpack[s] == self.empty
             won, first = np.unique(s[free], return_index=True)
             w = todo[free][first]
-            self.hkeys[won], self.hvals[won] = self.keys[w], self.vals[w]
+            self.hpack[won] = packed[w]
             placed = np.zeros(n, bool); placed[w] = True
             todo = todo[~placed[todo]]; slot[todo] = (slot[todo] + 1) & self.hmask
 
-    def _lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _lookup(self, a: np.ndarray, b: np.ndarray, py_max: int = 48) -> np.ndarray:
         "Rank of each pair `(a[i], b[i])` glued together, `_INF` if that is not a token."
         q = (a << self.shift) | b
-        if len(q) < 512:                                       # small: one binary search call is cheapest
-            i = np.searchsorted(self.keys, q); i[i == len(self.keys)] = 0
-            return np.where(self.keys[i] == q, self.vals[i], _INF)
-        s = ((q.astype(np.uint64) * _MULT) >> self.hshift).astype(np.int64)
-        k = self.hkeys[s]; out = self.hvals[s]
-        miss = k != q; out[miss] = _INF
-        i = np.flatnonzero(miss & (k != -1))                   # collided: keep probing until hit or empty slot
-        q, s = q[i], s[i]
+        s = self._slot(q); h = self.hpack[s]
+        out = h >> self.kbits                                  # right if the home slot holds q or is empty
+        i = np.flatnonzero((h & self.kmask) != q)
+        if len(i): i = i[h[i] != self.empty]                   # home slot taken by another key: q may sit further on
+        if len(i) <= py_max:                                   # usually a handful: the dict answers them
+            g = self.table.get
+            for x, y in zip(i.tolist(), q[i].tolist()): out[x] = g(y, _INF)
+            return out
+        q, s = q[i], s[i]; out[i] = _INF                       # many: probe on with numpy until a hit or an empty slot
         while len(i):
-            s = (s + 1) & self.hmask; k = self.hkeys[s]
-            hit = k == q; out[i[hit]] = self.hvals[s[hit]]
-            go = ~hit & (k != -1); i, q, s = i[go], q[go], s[go]
+            s = (s + 1) & self.hmask; h = self.hpack[s]
+            hit = (h & self.kmask) == q; out[i[hit]] = h[hit] >> self.kbits
+            go = ~hit & (h != self.empty); i, q, s = i[go], q[go], s[go]
         return out
 
     def one(self, piece: bytes) -> list[int]:
@@ -366,17 +377,16 @@ class BatchBPE:
         while len(s_act) >= self.handoff:
             # a reduceat segment runs to the next active start: pieces in between are finished (all ranks _INF)
             m = np.minimum.reduceat(comp, s_act)               # per piece: (lowest rank, leftmost) in one value
-            r = m >> 32
-            if not (act := r < _INF).all():                    # no token pair left: that piece is finished
-                s_act, r, m = s_act[act], r[act], m[act]
+            if not (act := m < _INF_HI).all():                 # no token pair left: that piece is finished
+                s_act, m = s_act[act], m[act]
                 if len(s_act) < self.handoff: break
-            k = m & _LO
+            k, r = m & _LO, m >> 32
             j = nxt[k]; e = nxt[j]                             # j is absorbed into k; e follows (maybe a separator)
             nxt[k] = e; prv[e] = k; ids[k] = r
-            alive[j] = False; comp[j] = _INF_HI | j
+            alive[j] = False; comp[j] = _INF_HI                # an absorbed part never wins again
             p = prv[k]                                         # the part before k (maybe a separator)
-            new = self._lookup(np.concatenate((r, ids[p])), np.concatenate((ids[e], r)))   # separator pairs -> _INF
-            comp[k] = (new[:len(k)] << 32) | k; comp[p] = (new[len(k):] << 32) | p
+            kp = np.concatenate((k, p))                        # the pairs (k, e) and (p, k) changed: look both up
+            comp[kp] = (self._lookup(np.concatenate((r, ids[p])), np.concatenate((ids[e], r))) << 32) | kp
         b = np.zeros(npc + 1, np.int64); np.cumsum(np.add.reduceat(alive, starts), out=b[1:])
         flat, b = tuple(ids[alive].tolist()), b.tolist()
         res = list(map(flat.__getitem__, map(slice, b[:-1], b[1:])))         # each piece's parts, as a tuple
@@ -386,14 +396,17 @@ class BatchBPE:
 
 
 # %% ../nbs/01_tokenizer.ipynb #20349cb8
-_BATCH_MIN = 48                                              # fewer misses than this: merge them one by one
+_BATCH_MIN = 16                                              # fewer misses than this: merge them one by one
 
 class _PieceCache(dict):
     "pre-token str -> tuple of ids; pre-filled with the vocabulary, misses merged in batches, reset when it grows too big."
     def __init__(self, ranks: dict[bytes, int], limit: int = 1 << 20):
         super().__init__(); self.ranks, self.limit = ranks, limit; self.reset()
     @functools.cached_property
-    def bpe(self) -> BatchBPE: return BatchBPE(self.ranks, handoff=_BATCH_MIN)   # vocabulary-derived, built on first need
+    def bpe(self) -> BatchBPE | None:
+        "Vocabulary-derived tables, built on first need (None for a vocabulary too large for them: merge one by one)."
+        try: return BatchBPE(self.ranks, handoff=_BATCH_MIN)
+        except ValueError: return None
     def reset(self):
         self.clear()
         for b, r in self.ranks.items():
@@ -403,7 +416,7 @@ class _PieceCache(dict):
     def fill(self, pieces: Sequence[str]) -> list[tuple[int, ...]]:
         "Merge `pieces` (distinct, not cached yet) together, remember and return their ids."
         bs = list(map(str.encode, pieces))                     # UTF-8; never a whole token (those are all cached)
-        ids = self.bpe.merge(bs, new=True) if len(bs) >= _BATCH_MIN else [tuple(bpe_merge(b, self.ranks)) for b in bs]
+        ids = self.bpe.merge(bs, new=True) if len(bs) >= _BATCH_MIN and self.bpe else [tuple(bpe_merge(b, self.ranks)) for b in bs]
         if len(self) - self.base_len + len(bs) > self.limit: self.reset()
         self.update(zip(pieces, ids))
         return ids
@@ -430,7 +443,7 @@ class Tokenizer:
         self.name, self.pattern, self.mergeable_ranks = name, pattern, mergeable_ranks
         self.special_tokens: dict[str, int] = {s: n + i for i, s in enumerate(special_tokens)}
         self.n_words = self.vocab_size = n + len(special_tokens)
-        self._pat = compile_pattern(pattern)
+        self._pat = compile_pattern(LLAMA3_FAST_PATTERN if pattern == LLAMA3_PATTERN else pattern)
         self._pat_ascii = _ASCII_RE if pattern == LLAMA3_PATTERN else None     # fast path for pure-ASCII segments
         u16 = unicode16_pattern(pattern)                                        # for text with Unicode-17-only letters
         self._pat_u16 = compile_pattern(u16) if u16 else None
@@ -476,7 +489,7 @@ def _encode_unicode16(self: Tokenizer, s: str) -> list[int]:
 
 @patch
 def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
-    if s.isascii(): pat = self._pat_ascii or self._pat
+    if asc := s.isascii(): pat = self._pat_ascii or self._pat
     elif self._u17_check_all and not _U17_SET.isdisjoint(set(s)): return self._encode_unicode16(s)
     else: pat = self._pat
     cache, pieces = self._cache, pat.findall(s)
@@ -488,7 +501,7 @@ def _encode_ordinary(self: Tokenizer, s: str) -> list[int]:
         except ValueError: pass
         missing = list(map(pieces.__getitem__, at))
         new = list(dict.fromkeys(missing))
-        if self._pat_u16 is not None and not _U17_SET.isdisjoint(set("".join(new))): return self._encode_unicode16(s)
+        if not asc and self._pat_u16 is not None and not _U17_SET.isdisjoint(set("".join(new))): return self._encode_unicode16(s)
         try: new = dict(zip(new, cache.fill(new)))            # a small dict: cheaper to look up than the cache
         except UnicodeEncodeError:                             # lone surrogates: tiktoken's fix-up
             return self._encode_ordinary(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))

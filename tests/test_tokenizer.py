@@ -11,7 +11,7 @@ from llama32_nb.core import data_dir
 from llama32_nb.tokenizer import (Tokenizer, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS,
     bpe_merge_simple, bpe_merge_heap, split_long_runs, encode_segments, train_bpe, pretokenize, read_tiktoken_bpe,
     write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS, _ASCII_RE,
-    BatchBPE, bpe_merge_ids, _INF)
+    BatchBPE, bpe_merge_ids, _INF, LLAMA3_FAST_PATTERN, compile_pattern)
 
 LANGS = ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
 
@@ -127,6 +127,19 @@ def test_ascii_fast_path_parity(s):
     assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
 
 
+contraction_strategy = st.lists(st.sampled_from(["'", "s", "S", "\u017f", "t", "re", "RE", "ve", "m", "ll", "lL", "d", "D",
+                                                 " ", "  ", "\n", "\r\n", "\t", "\u3000", "\u00a0", "a", "\u00e9", "1", "!"]),
+                                max_size=40).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(text_strategy, contraction_strategy))
+def test_fast_pattern_spellings_split_like_the_official_pattern(s):
+    "The factored contractions and the final single `\\s` change nothing (Unicode and ASCII spellings)."
+    assert compile_pattern(LLAMA3_FAST_PATTERN).findall(s) == pretokenize(s)
+    if s.isascii(): assert _ASCII_RE.findall(s) == pretokenize(s)
+
+
 def test_lone_surrogates_like_tiktoken(tok, meta):
     for s in ["a\ud800b", "\udfff", "x\ud83d\ude00y", "ok \udc80" * 3]:
         assert tok.encode(s) == meta.encode(s, bos=False, eos=False)
@@ -189,15 +202,15 @@ def test_bpe_heap_equals_simple_and_tiktoken(tok, meta):
 
 
 def test_batch_bpe_equals_tiktoken(tok, meta):
-    "numpy lock-step BPE (hash + binary-search lookups, Python hand-off, heap for long pieces) == tiktoken."
+    "numpy lock-step BPE (packed hash lookups: vectorised probing or the dict; Python hand-off; heap for long pieces) == tiktoken."
     bb = tok._cache.bpe
-    q = np.concatenate([bb.keys[::7], np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
+    q = np.concatenate([np.fromiter(bb.table, np.int64)[::7], np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
     a, b = q >> bb.shift, q & ((1 << bb.shift) - 1)
     want = [bb.table.get(x, _INF) for x in q.tolist()]
     assert bb._lookup(a, b).tolist() == want and bb._lookup(a[:100], b[:100]).tolist() == want[:100]
     rng = random.Random(1)
     alphabet = "aab  \n\t.-_0123éü€😀ไกदि"
-    for n_pieces in (3, 47, 48, 600):
+    for n_pieces in (3, 15, 16, 47, 600):
         pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 160))).encode() for _ in range(n_pieces)]
         pieces += [b"", b"a", b" the", b"x" * 300]                     # empty, one byte, a whole token, a long run
         assert bb(pieces) == [meta.model._encode_single_piece(p) if p else [] for p in pieces]
