@@ -85,6 +85,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'llama32_nb.decoder.kv_cache_bytes': ('decoder.html#kv_cache_bytes', 'llama32_nb/decoder.py'),
                                     'llama32_nb.decoder.linear': ('decoder.html#linear', 'llama32_nb/decoder.py'),
                                     'llama32_nb.decoder.meta_name': ('decoder.html#meta_name', 'llama32_nb/decoder.py'),
+                                    'llama32_nb.decoder.onednn_linear_available': ( 'decoder.html#onednn_linear_available',
+                                                                                    'llama32_nb/decoder.py'),
                                     'llama32_nb.decoder.param_breakdown': ('decoder.html#param_breakdown', 'llama32_nb/decoder.py'),
                                     'llama32_nb.decoder.permute_qk': ('decoder.html#permute_qk', 'llama32_nb/decoder.py'),
                                     'llama32_nb.decoder.rope_bands': ('decoder.html#rope_bands', 'llama32_nb/decoder.py'),

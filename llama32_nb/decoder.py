@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_decoder.ipynb #01259e5f
 from __future__ import annotations
-import json, math, re
+import functools, json, math, re
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,9 +15,10 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['ROPE_SCALING_KEYS', 'STOP_TOKENS', 'ffn_size', 'LlamaConfig', 'RMSNorm', 'rope_frequencies', 'rope_bands',
            'rope_cos_sin', 'rotate_half', 'apply_rope', 'permute_qk', 'unpermute_qk', 'causal_mask',
-           'attention_reference', 'attention', 'KVCache', 'kv_cache_bytes', 'linear', 'Linear', 'Attention',
-           'FeedForward', 'Block', 'Llama', 'param_breakdown', 'sample_top_p', 'sample_next', 'attention_probs',
-           'CheckpointError', 'hf_name', 'meta_name', 'expected_shapes', 'checkpoint_state_dict', 'fuse_state_dict']
+           'attention_reference', 'attention', 'KVCache', 'kv_cache_bytes', 'onednn_linear_available', 'linear',
+           'Linear', 'Attention', 'FeedForward', 'Block', 'Llama', 'param_breakdown', 'sample_top_p', 'sample_next',
+           'attention_probs', 'CheckpointError', 'hf_name', 'meta_name', 'expected_shapes', 'checkpoint_state_dict',
+           'fuse_state_dict']
 
 # %% ../nbs/02_decoder.ipynb #fd6f50d1
 def ffn_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -280,21 +281,40 @@ def kv_cache_bytes(cfg: LlamaConfig, n_tokens: int, dtype=torch.bfloat16, batch_
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size() * n_tokens * batch_size
 
 # %% ../nbs/02_decoder.ipynb #4b6955a3
+_PROBE_X, _PROBE_W = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(-2, 2, 40).view(5, 8)   # fixed: no RNG use
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    "Whether oneDNN's linear op exists in this PyTorch build and equals `F.linear` on a small probe (checked once)."
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(_PROBE_X, _PROBE_W, None, "none", [], "")
+        return bool(torch.backends.mkldnn.is_available()) and torch.allclose(y, F.linear(_PROBE_X, _PROBE_W), rtol=1e-5, atol=1e-5)
+    except Exception: return False
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, chunks: int = 4) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`. For a single fp32 row on the CPU (a decode-time GEMV, which MKL runs on one
-    thread) the rows of `weight` are cut into `chunks` blocks multiplied as one batched matmul, which runs
-    on all intra-op threads; equal to `F.linear` up to fp32 rounding."""
+    """`F.linear(x, weight, bias)`, on the faster CPU kernel for inference (when no gradient is needed):
+    fp32 -> oneDNN's linear if available, else (one row) `chunks` row blocks in one batched matmul, which runs on
+    all threads; one bf16 row -> `F.linear` on a two-row stride-0 view, first row kept. Equal to `F.linear` up to
+    floating-point summation order; anything else (gradients, GPU, bias, mixed dtypes) is plain `F.linear`."""
     o, i = weight.shape
-    if (x.numel() != i or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or bias is not None or o % chunks or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (x.device.type != "cpu" or x.dtype != weight.dtype or bias is not None or x.shape[-1] != i or x.numel() == 0
+            or not weight.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
-    y = torch.bmm(x.reshape(1, 1, i).expand(chunks, 1, i), weight.view(chunks, o // chunks, i).transpose(1, 2))
-    return y.view(*x.shape[:-1], o)     # [chunks, 1, o/chunks] is the output row, in order
+    if x.dtype == torch.float32:
+        if onednn_linear_available():
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, i).contiguous(), weight, None, "none", [], "")
+            return y.view(*x.shape[:-1], o)
+        if x.numel() == i and o % chunks == 0:
+            y = torch.bmm(x.reshape(1, 1, i).expand(chunks, 1, i), weight.view(chunks, o // chunks, i).transpose(1, 2))
+            return y.view(*x.shape[:-1], o)     # [chunks, 1, o/chunks] is the output row, in order
+    elif x.dtype == torch.bfloat16 and x.numel() == i:
+        return F.linear(x.reshape(1, i).expand(2, i), weight)[:1].view(*x.shape[:-1], o)
+    return F.linear(x, weight)
 
 class Linear(nn.Linear):
-    "`nn.Linear` (same parameters, same state-dict names) whose forward is `linear`: a parallel GEMV for one fp32 row on CPU."
+    "`nn.Linear` (same parameters, same state-dict names) whose forward is `linear`: faster CPU kernels for inference."
     def forward(self, x: torch.Tensor) -> torch.Tensor: return linear(x, self.weight, self.bias)
+
 
 # %% ../nbs/02_decoder.ipynb #fd1bf99c
 class Attention(nn.Module):
@@ -329,9 +349,9 @@ class FeedForward(nn.Module):
         self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)   # [W_gate; W_up] stacked
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
     def forward(self, x):
-        if x.shape[:-1].numel() > 1:   # many rows (prefill, training): two GEMMs on the halves (views) beat one 2F-wide GEMM on MKL
+        if x.shape[:-1].numel() > 1:   # many rows (prefill, training): two GEMMs on the halves (views) beat one 2F-wide GEMM
             w = self.gate_up_proj.weight
-            gate, up = F.linear(x, w[:w.shape[0] // 2]), F.linear(x, w[w.shape[0] // 2:])
+            gate, up = linear(x, w[:w.shape[0] // 2]), linear(x, w[w.shape[0] // 2:])
         else: gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

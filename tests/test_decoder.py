@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from llama32_nb.decoder import Llama, LlamaConfig, checkpoint_state_dict, ffn_size, meta_name, rope_bands, unpermute_qk
@@ -54,9 +55,11 @@ def test_logits_match_transformers(pair):
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == CASES[case][5]
     toks = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(1))  # positions beyond original_max_position_embeddings=64
     with torch.no_grad(): ref = hf(toks).logits
-    out = ours(toks)
+    out = ours(toks)                                   # gradients enabled: F.linear everywhere
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 1e-4
+    with torch.inference_mode(): fast = ours(toks)     # inference: the CPU fast kernels of `linear`
+    assert (fast - ref).abs().max().item() < 1e-4
 
 
 def test_cached_forward_and_generation(pair):
@@ -149,35 +152,55 @@ def test_training_step_reduces_loss():
     assert losses[-1] < losses[0] - 1
 
 
-def test_single_row_linear_fast_path(monkeypatch):
-    "`linear`: one fp32 row on CPU goes through the batched (bmm) GEMV, equal to F.linear within fp32 rounding; all else is F.linear."
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_inference_kernels(monkeypatch, onednn):
+    """`linear` without gradients: fp32 on oneDNN's linear (or, without it, one row through the bmm split), one bf16 row
+    as a two-row view; each equal to F.linear within rounding. With gradients, bias or odd weights: plain F.linear."""
+    import llama32_nb.decoder as D
     from llama32_nb.decoder import Linear, linear
-    calls, bmm = [], torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    if onednn and not D.onednn_linear_available(): pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(D, "onednn_linear_available", lambda: onednn)
+    calls = {"bmm": 0, "dnn": 0}
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.__setitem__("bmm", calls["bmm"] + 1) or bmm(*a, **k))
+    if onednn:
+        dnn = torch.ops.mkldnn._linear_pointwise
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.__setitem__("dnn", calls["dnn"] + 1) or dnn(*a))
+    kernel = "dnn" if onednn else "bmm"
     g = torch.Generator().manual_seed(0)
     for o, i in [(3072, 2048), (1000, 64), (128256 // 16, 256)]:
         W, x = torch.randn(o, i, generator=g) * 0.02, torch.randn(i, generator=g)
-        ref = torch.nn.functional.linear(x, W)
+        ref = F.linear(x, W)
         with torch.inference_mode():
             for shape in [(i,), (1, i), (1, 1, i)]:
-                n = len(calls)
+                n = calls[kernel]
                 y = linear(x.view(shape), W)
-                assert len(calls) == n + 1 and y.shape == shape[:-1] + (o,)
-                torch.testing.assert_close(y.view(-1), ref, rtol=1e-5, atol=1e-6)
-    n = len(calls)
+                assert calls[kernel] == n + 1 and y.shape == shape[:-1] + (o,)
+                torch.testing.assert_close(y.view(-1), ref, rtol=1e-5, atol=1e-5)
+            xs = torch.randn(2, 5, i, generator=g)
+            n = calls["dnn"]
+            torch.testing.assert_close(linear(xs, W), F.linear(xs, W), rtol=1e-5, atol=1e-5)                # many rows
+            torch.testing.assert_close(linear(xs[:, -1:], W), F.linear(xs[:, -1:], W), rtol=1e-5, atol=1e-5)  # strided view
+            assert calls["dnn"] == n + 2 * onednn
+            xb, Wb = x.bfloat16(), W.bfloat16()
+            yb = linear(xb.view(1, 1, i), Wb)
+            assert yb.dtype == torch.bfloat16 and yb.shape == (1, 1, o)
+            torch.testing.assert_close(yb.view(-1).float(), F.linear(xb, Wb).float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
+    n = dict(calls)
     W, x = torch.randn(1002, 64, generator=g), torch.randn(1, 64, generator=g)
-    xs, b = torch.randn(5, 64, generator=g), torch.randn(1002, generator=g)
+    b = torch.randn(1002, generator=g)
     with torch.inference_mode():
-        assert torch.equal(linear(x, W), torch.nn.functional.linear(x, W))               # rows not divisible by chunks
-        assert torch.equal(linear(xs, W), torch.nn.functional.linear(xs, W))             # several rows (prefill)
-        assert torch.equal(linear(x, W, b), torch.nn.functional.linear(x, W, b))         # bias
-        assert torch.equal(linear(x[:, :64].bfloat16(), W[:1000].bfloat16()), torch.nn.functional.linear(x.bfloat16(), W[:1000].bfloat16()))
+        assert torch.equal(linear(x, W, b), F.linear(x, W, b))                                  # bias
         Wn = W[:1000].t().contiguous().t()
-        assert not Wn.is_contiguous() and torch.equal(linear(x, Wn), torch.nn.functional.linear(x, Wn))  # non-contiguous weight
+        assert not Wn.is_contiguous() and torch.equal(linear(x, Wn), F.linear(x, Wn))          # non-contiguous weight
+        xs16 = torch.randn(5, 64, generator=g).bfloat16()
+        assert torch.equal(linear(xs16, W.bfloat16()), F.linear(xs16, W.bfloat16()))          # bf16, many rows
     lin = Linear(64, 1000, bias=False)
-    y = lin(x); y.sum().backward()                                                      # training: F.linear, gradients flow
+    y = lin(x); y.sum().backward()                                                          # training: F.linear, gradients flow
     assert lin.weight.grad is not None and y.requires_grad
-    assert len(calls) == n
+    assert calls == n
+    with pytest.raises(RuntimeError):                                                       # wrong inner size: F.linear's error
+        with torch.inference_mode(): linear(torch.randn(1, 63), W)
     assert isinstance(lin, torch.nn.Linear) and list(lin.state_dict()) == ["weight"]
 
 
