@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_decoder.ipynb #01259e5f
 from __future__ import annotations
-import functools, json, math, re
+import functools, json, math, platform, re
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -285,7 +285,9 @@ _PROBE_X, _PROBE_W = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(-2, 2,
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    "Whether oneDNN's linear op exists in this PyTorch build and equals `F.linear` on a small probe (checked once)."
+    """Whether to use oneDNN's linear: on an x86 CPU (where it was measured faster), when this PyTorch build has the op
+    and it equals `F.linear` on a small probe (checked once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"): return False
     try:
         y = torch.ops.mkldnn._linear_pointwise(_PROBE_X, _PROBE_W, None, "none", [], "")
         return bool(torch.backends.mkldnn.is_available()) and torch.allclose(y, F.linear(_PROBE_X, _PROBE_W), rtol=1e-5, atol=1e-5)
