@@ -49,16 +49,15 @@ def best(fn, reps):
     return min(ts)
 
 
-_PROBE = {}
+_PROBE_TENSORS, BW_READINGS = {}, []
 def bandwidth(gb=1.0, reps=3) -> float:
     """Memory read bandwidth (bytes/s) right now: the fastest of `reps` sums over a tensor much larger than the caches.
     The machine's bandwidth drifts (other tenants; readings from ~30 to ~60 GB/s were seen on the 2-core benchmark
-    machine), so the script probes next to every timed decode round and keeps every reading."""
-    if gb not in _PROBE: _PROBE[gb] = torch.ones(int(gb * 1e9 / 4)); _PROBE[gb].sum()
-    x = _PROBE[gb]
-    bw = x.numel() * 4 / best(lambda: x.sum(), reps)
-    _PROBE.setdefault("readings", []).append(bw)
-    return bw
+    machine), so the script probes next to every timed decode round and keeps every reading in `BW_READINGS`."""
+    if gb not in _PROBE_TENSORS: _PROBE_TENSORS[gb] = torch.ones(int(gb * 1e9 / 4)); _PROBE_TENSORS[gb].sum()
+    x = _PROBE_TENSORS[gb]
+    BW_READINGS.append(x.numel() * 4 / best(lambda: x.sum(), reps))
+    return BW_READINGS[-1]
 
 
 def median(xs): xs = sorted(xs); return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
@@ -82,8 +81,8 @@ def decode_tps(ours, hf, n_new, reps, weight_bytes, prompt_len=8):
     res["median_ratio"] = median([h / o for o, h in zip(t["ours"], t["hf"])])
     res["shares"] = shares
     a, b = ours_gen(n_new), hf_gen(n_new)[0, prompt_len:].tolist()
-    res["same_tokens"] = a == b
     res["agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))   # tokens equal before the first difference
+    res["same_tokens"] = res["agree"] == len(a) == len(b)
     lo, lh = ours(prompt)[0, -1].float(), hf(prompt).logits[0, -1].float()
     res["logit_err"] = ((lo - lh).abs().max() / lh.abs().max()).item()
     res["same_argmax"] = lo.argmax().item() == lh.argmax().item()
@@ -144,9 +143,9 @@ def main():
     sh = r["shares"]
     rows.append(("decode 1B fp32 (tok/s)", r, f"same tokens: {r['same_tokens']}; roofline share per round "
                  f"(bandwidth probed before and after it): median {median(sh):.0%}, min {min(sh):.0%}"))
-    bw_max = max(_PROBE["readings"])
+    bw_max = max(BW_READINGS)
     rows.append(("", None, f"  vs the highest probe of the run ({bw_max / 1e9:.1f} GB/s): best round "
-                 f"{r['ours'] * weight_bytes / bw_max:.0%}; readings {min(_PROBE['readings']) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
+                 f"{r['ours'] * weight_bytes / bw_max:.0%}; readings {min(BW_READINGS) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
     r = prefill_tps(ours, hf, 512, 1 if args.quick else 3)
     rows.append(("prefill 1B fp32, 512 tok (tok/s)", r, ""))
     ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)

@@ -321,7 +321,7 @@ class BatchBPE:
         s = self._slot(q); h = self.hpack[s]
         out = h >> self.kbits                                  # right if the home slot holds q or is empty
         i = np.flatnonzero((h & self.kmask) != q)
-        if len(i): i = i[h[i] != self.empty]                   # home slot taken by another key: q may sit further on
+        i = i[h[i] != self.empty]                              # home slot taken by another key: q may sit further on
         if len(i) <= py_max:                                   # usually a handful: the dict answers them
             g = self.table.get
             for x, y in zip(i.tolist(), q[i].tolist()): out[x] = g(y, _INF)
