@@ -9,9 +9,10 @@ bad()  { failed=$((failed+1)); echo "FAIL: $*"; }
 
 echo "== 1. notebooks clean and library in sync"
 before=$(git status --porcelain -- nbs llama32_nb)
-nbdev-clean >/dev/null && nbdev-export >/dev/null
+sync_out=$( { nbdev-clean && nbdev-export; } 2>&1 >/dev/null ); sync_rc=$?
 after=$(git status --porcelain -- nbs llama32_nb)
-if [ "$before" == "$after" ] && [ -z "$after" ]; then ok "nbdev-clean/nbdev-export leave nbs/ and llama32_nb/ unchanged"
+if [ $sync_rc -ne 0 ]; then bad "nbdev-clean/nbdev-export did not run:"; echo "$sync_out" | tail -5 | sed 's/^/    /'
+elif [ "$before" == "$after" ] && [ -z "$after" ]; then ok "nbdev-clean/nbdev-export leave nbs/ and llama32_nb/ unchanged"
 elif [ "$before" == "$after" ]; then ok "nbdev-clean/nbdev-export change nothing (uncommitted work present:"; echo "$after" | sed 's/^/    /'
 else bad "nbdev-clean/nbdev-export changed files (commit clean, exported notebooks):"; diff <(echo "$before") <(echo "$after") | sed -n 's/^> /    /p'; fi
 
