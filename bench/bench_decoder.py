@@ -6,9 +6,9 @@ timed round), prefill tokens/s for a 512-token prompt, and training tokens/s (fo
 on a tiny config. Ours and transformers run interleaved, round by round; the table gives the best-round
 ratio and the median of same-round ratios. Not a test: prints a table with ratios.
 
-    .venv/bin/python bench/bench_decoder.py [--quick]
+    .venv/bin/python bench/bench_decoder.py [--quick] [--train-only]
 """
-import argparse, gc, sys, time
+import argparse, copy, gc, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -103,68 +103,75 @@ def prefill_tps(ours, hf, T, reps):
 
 
 def train_tps(cfg, B, T, steps, reps):
-    ours, hf = build_pair(cfg)
-    # independent copies of the weights so each optimizer owns its own parameters
+    """Training tokens/s (forward, backward, AdamW step) on independent copies of the same weights, interleaved round
+    by round: transformers (logits, then F.cross_entropy, which is what its `labels=` loss computes), ours the same
+    way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over ours."""
+    ours, _ = build_pair(cfg)
+    ours_fused = copy.deepcopy(ours)
     hf = transformers.LlamaForCausalLM(hf_config(cfg)); hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.clone() for k, v in checkpoint_state_dict(ours).items()}, strict=False)
-    hf.train(); ours.train()
+    for m in (hf, ours, ours_fused): m.train()
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
-    def make_step(model, logits_fn):
+    def make_step(model, loss_fn):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         def step():
-            loss = F.cross_entropy(logits_fn(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = loss_fn(x[:, :-1], x[:, 1:])
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         step()
         return step
-    steps_fn = {"ours": make_step(ours, ours), "hf": make_step(hf, lambda t: hf(t).logits)}
-    t = {"ours": [], "hf": []}
-    for _ in range(reps):   # interleaved, best of reps
+    steps_fn = {"hf": make_step(hf, lambda a, b: F.cross_entropy(hf(a).logits.flatten(0, 1).float(), b.flatten())),
+                "ours": make_step(ours, lambda a, b: F.cross_entropy(ours(a).flatten(0, 1), b.flatten())),
+                "fused": make_step(ours_fused, ours_fused.loss)}
+    t = {k: [] for k in steps_fn}
+    for _ in range(reps):   # interleaved
         for name, fn in steps_fn.items():
             t0 = time.perf_counter()
             for _ in range(steps): fn()
             t[name].append(time.perf_counter() - t0)
-    res = {k: B * T * steps / min(v) for k, v in t.items()}
-    res["median_ratio"] = median([h / o for o, h in zip(t["ours"], t["hf"])])
-    return res
+    tps = {k: B * T * steps / min(v) for k, v in t.items()}
+    return [{"ours": tps[k], "hf": tps["hf"], "median_ratio": median([h / o for o, h in zip(t[k], t["hf"])])} for k in ("ours", "fused")]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer tokens/reps (smoke run)")
+    ap.add_argument("--train-only", action="store_true", help="only the training benchmark")
     args = ap.parse_args()
     n_new, reps = (6, 1) if args.quick else (16, 5)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"oneDNN linear: {onednn_linear_available()}")
     rows = []
 
-    cfg = LlamaConfig.llama32_1b()
-    t = time.time(); ours, hf = build_pair(cfg, torch.float32); print(f"built 1B pair (shared fp32 weights) in {time.time() - t:.1f}s")
-    weight_bytes = ours.num_params() * 4   # every weight is read once per decoded token (tied embedding = output matrix)
-    r = decode_tps(ours, hf, n_new, reps, weight_bytes)
-    sh = r["shares"]
-    rows.append(("decode 1B fp32 (tok/s)", r, f"same tokens: {r['same_tokens']}; roofline share per round "
-                 f"(bandwidth probed before and after it): median {median(sh):.0%}, min {min(sh):.0%}"))
-    bw_max = max(BW_READINGS)
-    rows.append(("", None, f"  vs the highest probe of the run ({bw_max / 1e9:.1f} GB/s): best round "
-                 f"{r['ours'] * weight_bytes / bw_max:.0%}; readings {min(BW_READINGS) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
-    r = prefill_tps(ours, hf, 512, 1 if args.quick else 3)
-    rows.append(("prefill 1B fp32, 512 tok (tok/s)", r, ""))
-    ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
-    hf.model.rotary_emb.inv_freq = ours.inv_freq("cpu").clone()   # keep HF's RoPE buffer fp32, like ours
-    gc.collect()
-    r = decode_tps(ours, hf, n_new, reps, ours.num_params() * 2)
-    rows.append(("decode 1B bf16 (tok/s)", r, f"first-step logits: max|diff|/max|logit| {r['logit_err']:.1e}, same argmax "
-                 f"{r['same_argmax']}; greedy tokens equal for {r['agree']}/{n_new}; median roofline share {median(r['shares']):.0%}"))
-    del ours, hf; gc.collect()
+    if not args.train_only:
+        cfg = LlamaConfig.llama32_1b()
+        t = time.time(); ours, hf = build_pair(cfg, torch.float32); print(f"built 1B pair (shared fp32 weights) in {time.time() - t:.1f}s")
+        weight_bytes = ours.num_params() * 4   # every weight is read once per decoded token (tied embedding = output matrix)
+        r = decode_tps(ours, hf, n_new, reps, weight_bytes)
+        sh = r["shares"]
+        rows.append(("decode 1B fp32 (tok/s)", r, f"same tokens: {r['same_tokens']}; roofline share per round "
+                     f"(bandwidth probed before and after it): median {median(sh):.0%}, min {min(sh):.0%}"))
+        bw_max = max(BW_READINGS)
+        rows.append(("", None, f"  vs the highest probe of the run ({bw_max / 1e9:.1f} GB/s): best round "
+                     f"{r['ours'] * weight_bytes / bw_max:.0%}; readings {min(BW_READINGS) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
+        r = prefill_tps(ours, hf, 512, 1 if args.quick else 3)
+        rows.append(("prefill 1B fp32, 512 tok (tok/s)", r, ""))
+        ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
+        hf.model.rotary_emb.inv_freq = ours.inv_freq("cpu").clone()   # keep HF's RoPE buffer fp32, like ours
+        gc.collect()
+        r = decode_tps(ours, hf, n_new, reps, ours.num_params() * 2)
+        rows.append(("decode 1B bf16 (tok/s)", r, f"first-step logits: max|diff|/max|logit| {r['logit_err']:.1e}, same argmax "
+                     f"{r['same_argmax']}; greedy tokens equal for {r['agree']}/{n_new}; median roofline share {median(r['shares']):.0%}"))
+        del ours, hf; gc.collect()
 
     tcfg = LlamaConfig.tiny(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
-    r = train_tps(tcfg, 8, 256, 3, reps)
-    rows.append(("train tiny fp32 (tok/s)", r, "dim 256, 4 layers, B=8, T=256, AdamW"))
+    r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 12)
+    rows.append(("train tiny fp32, model.loss (tok/s)", r_fused, "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)"))
+    rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits, "the same, ours through logits + F.cross_entropy like transformers"))
 
-    print(f"\n{'benchmark':34}{'ours':>9}{'transformers':>13}{'best/best':>10}{'median':>8}  notes")
-    print(f"{'':34}{'':>9}{'':>13}{'':>10}{'ratio':>8}")
+    print(f"\n{'benchmark':36}{'ours':>9}{'transformers':>13}{'best/best':>10}{'median':>8}  notes")
+    print(f"{'':36}{'':>9}{'':>13}{'':>10}{'ratio':>8}")
     for name, r, note in rows:
-        if r is None: print(f"{'':74}  {note}"); continue
-        print(f"{name:34}{r['ours']:9.2f}{r['hf']:13.2f}{r['ours'] / r['hf']:9.2f}x{r['median_ratio']:7.2f}x  {note}")
+        if r is None: print(f"{'':76}  {note}"); continue
+        print(f"{name:36}{r['ours']:9.2f}{r['hf']:13.2f}{r['ours'] / r['hf']:9.2f}x{r['median_ratio']:7.2f}x  {note}")
     print("(best/best: best round of ours over best round of transformers; median: median over rounds of the same-round ratio)")
 
 

@@ -11,14 +11,15 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # %% auto #0
 __all__ = ['ROPE_SCALING_KEYS', 'STOP_TOKENS', 'ffn_size', 'LlamaConfig', 'RMSNorm', 'rope_frequencies', 'rope_bands',
            'rope_cos_sin', 'rotate_half', 'apply_rope', 'permute_qk', 'unpermute_qk', 'causal_mask',
            'attention_reference', 'attention', 'KVCache', 'kv_cache_bytes', 'onednn_linear_available', 'linear',
-           'Linear', 'Attention', 'FeedForward', 'Block', 'Llama', 'param_breakdown', 'sample_top_p', 'sample_next',
-           'attention_probs', 'CheckpointError', 'hf_name', 'meta_name', 'expected_shapes', 'checkpoint_state_dict',
-           'fuse_state_dict']
+           'Linear', 'Attention', 'FeedForward', 'Block', 'Llama', 'linear_cross_entropy', 'param_breakdown',
+           'sample_top_p', 'sample_next', 'attention_probs', 'CheckpointError', 'hf_name', 'meta_name',
+           'expected_shapes', 'checkpoint_state_dict', 'fuse_state_dict']
 
 # %% ../nbs/02_decoder.ipynb #fd6f50d1
 def ffn_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -176,11 +177,13 @@ class LlamaConfig:
 
 # %% ../nbs/02_decoder.ipynb #9d359d65
 class RMSNorm(nn.Module):
-    "Root-mean-square layer norm: normalize in fp32, cast back, then scale by `weight`."
+    """Root-mean-square layer norm: normalize in fp32, cast back, then scale by `weight`. In fp32 the scale is applied
+    inside `F.rms_norm` (one kernel instead of two; the same arithmetic)."""
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32: return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 # %% ../nbs/02_decoder.ipynb #86cd3c9a
@@ -286,26 +289,60 @@ _PROBE_X, _PROBE_W = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(-2, 2,
 @functools.cache
 def onednn_linear_available() -> bool:
     """Whether to use oneDNN's linear: on an x86 CPU (where it was measured faster), when this PyTorch build has the op
-    and it equals `F.linear` on a small probe (checked once)."""
+    and it equals `F.linear` on a small probe, also with a transposed (strided) weight (checked once)."""
     if platform.machine().lower() not in ("x86_64", "amd64"): return False
     try:
         y = torch.ops.mkldnn._linear_pointwise(_PROBE_X, _PROBE_W, None, "none", [], "")
-        return bool(torch.backends.mkldnn.is_available()) and torch.allclose(y, F.linear(_PROBE_X, _PROBE_W), rtol=1e-5, atol=1e-5)
+        yt = torch.ops.mkldnn._linear_pointwise(y, _PROBE_W.t(), None, "none", [], "")   # a strided weight (grad_x)
+        return (bool(torch.backends.mkldnn.is_available()) and torch.allclose(y, F.linear(_PROBE_X, _PROBE_W), rtol=1e-5, atol=1e-5)
+                and torch.allclose(yt, y @ _PROBE_W, rtol=1e-5, atol=1e-5))
     except Exception: return False
 
+def _dnn(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    "oneDNN's `x2 @ w.T` for a 2-D contiguous `x2`; `w` may be a strided view (`W.t()` gives `x2 @ W` with no copy)."
+    return torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")
+
+def _fp32_onednn(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    "Whether `x` times these (contiguous) weights may run on oneDNN: fp32 on the CPU, outside autocast, op available."
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights)
+            and onednn_linear_available())
+
+def _needs_grad(*ts: torch.Tensor) -> bool: return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`x2 @ W.T` for training on the CPU. oneDNN computes the output and grad_x = g @ W (W.T passed as a strided view);
+    grad_W = g.T @ x2 stays on `torch.mm`, because oneDNN would need a transposed copy of the activation `x2`."""
+    @staticmethod
+    def forward(ctx, x2, weight):
+        ctx.save_for_backward(x2, weight)
+        return _dnn(x2, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        g = g.contiguous()
+        gx = _dnn(g, weight.t()) if ctx.needs_input_grad[0] else None
+        gw = g.t().mm(x2) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, chunks: int = 4) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, on the faster CPU kernel for inference (when no gradient is needed):
-    fp32 -> oneDNN's linear if available, else (one row) `chunks` row blocks in one batched matmul, which runs on
-    all threads; one bf16 row -> `F.linear` on a two-row stride-0 view, first row kept. Equal to `F.linear` up to
-    floating-point summation order; anything else (gradients, GPU, bias, mixed dtypes) is plain `F.linear`."""
+    """`F.linear(x, weight, bias)` on the faster CPU kernel. fp32 -> oneDNN's linear if available (with gradients: the
+    autograd function `_OneDNNLinear`); without it and without gradients, one row -> `chunks` row blocks in one
+    batched matmul, which runs on all threads; one bf16 row without gradients -> `F.linear` on a two-row stride-0 view,
+    first row kept. Equal to `F.linear` up to floating-point summation order; anything else (GPU, bias, mixed dtypes,
+    autocast, bf16 training) is plain `F.linear`."""
     o, i = weight.shape
     if (x.device.type != "cpu" or x.dtype != weight.dtype or bias is not None or x.shape[-1] != i or x.numel() == 0
-            or not weight.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            or not weight.is_contiguous() or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
+    grad = _needs_grad(x, weight)
+    if _fp32_onednn(x, weight):
+        x2 = x.reshape(-1, i).contiguous()
+        return (_OneDNNLinear.apply(x2, weight) if grad else _dnn(x2, weight)).view(*x.shape[:-1], o)
+    if grad: return F.linear(x, weight)
     if x.dtype == torch.float32:
-        if onednn_linear_available():
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, i).contiguous(), weight, None, "none", [], "")
-            return y.view(*x.shape[:-1], o)
         if x.numel() == i and o % chunks == 0:
             y = torch.bmm(x.reshape(1, 1, i).expand(chunks, 1, i), weight.view(chunks, o // chunks, i).transpose(1, 2))
             return y.view(*x.shape[:-1], o)     # [chunks, 1, o/chunks] is the output row, in order
@@ -344,6 +381,33 @@ class Attention(nn.Module):
         o = attention(q, k, v, start_pos)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
+class _SwiGLU(torch.autograd.Function):
+    """SwiGLU for training on the CPU, on oneDNN: one [N, 2F] GEMM for [gate; up], silu(gate) * up, the down projection.
+    The backward writes d(gate) and d(up) side by side into one [N, 2F] buffer, so grad_x is again one GEMM and
+    grad_W_gate_up one `mm`, with no per-half weight gradients to scatter into the stacked matrix."""
+    @staticmethod
+    def forward(ctx, x2, w_gate_up, w_down):
+        f = w_down.shape[1]
+        gu = _dnn(x2, w_gate_up)
+        h = F.silu(gu[:, :f]).mul_(gu[:, f:])
+        ctx.save_for_backward(x2, w_gate_up, w_down, gu, h)
+        return _dnn(h, w_down)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, w_gate_up, w_down, gu, h = ctx.saved_tensors
+        f, g = w_down.shape[1], g.contiguous()
+        gate, up = gu[:, :f], gu[:, f:]
+        gh = _dnn(g, w_down.t())                                                   # dL/dh, h = silu(gate) * up
+        ggu = torch.empty_like(gu)
+        torch.mul(gh, F.silu(gate), out=ggu[:, f:])                                # dL/dup
+        torch.ops.aten.silu_backward.grad_input(gh.mul_(up), gate, grad_input=ggu[:, :f])   # dL/dgate = gh * up * silu'(gate)
+        gx = _dnn(ggu, w_gate_up.t()) if ctx.needs_input_grad[0] else None
+        gw_gate_up = ggu.t().mm(x2) if ctx.needs_input_grad[1] else None
+        gw_down = g.t().mm(h) if ctx.needs_input_grad[2] else None
+        return gx, gw_gate_up, gw_down
+
 class FeedForward(nn.Module):
     "SwiGLU: down(silu(gate(x)) * up(x))."
     def __init__(self, cfg: LlamaConfig):
@@ -351,8 +415,11 @@ class FeedForward(nn.Module):
         self.gate_up_proj = Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)   # [W_gate; W_up] stacked
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=False)
     def forward(self, x):
-        if x.shape[:-1].numel() > 1:   # many rows (prefill, training): two GEMMs on the halves (views) beat one 2F-wide GEMM
-            w = self.gate_up_proj.weight
+        w, wd = self.gate_up_proj.weight, self.down_proj.weight
+        plain = type(self.gate_up_proj) is Linear and type(self.down_proj) is Linear   # not swapped for other modules
+        if plain and _needs_grad(x, w, wd) and x.shape[-1] == w.shape[1] and _fp32_onednn(x, w, wd):   # CPU training
+            return _SwiGLU.apply(x.reshape(-1, x.shape[-1]).contiguous(), w, wd).view(*x.shape[:-1], wd.shape[0])
+        if plain and x.shape[:-1].numel() > 1:   # many rows (prefill; training without oneDNN): two GEMMs on the halves (views)
             gate, up = linear(x, w[:w.shape[0] // 2]), linear(x, w[w.shape[0] // 2:])
         else: gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -412,8 +479,8 @@ class Llama(nn.Module):
         if lo.item() < 0 or hi.item() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (vocab_size), got min {lo.item()} max {hi.item()}")
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False):
-        "Logits `[B,T,V]` (or `[B,1,V]` with `last_only`) for tokens at positions `start_pos..`; fills `cache` if given."
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False):
+        "The final-norm hidden states `[B,T,dim]` (the input of `lm_head`) for tokens at positions `start_pos..`; fills `cache` if given."
         self.check_tokens(tokens, start_pos)
         B, T = tokens.shape
         if cache is not None and (start_pos + T > cache.max_len or B > cache.batch_size):
@@ -422,7 +489,11 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(x.device), torch.arange(start_pos, start_pos + T, device=x.device), x.dtype)
         for layer in self.layers: x = layer(x, cos, sin, cache, start_pos)
         if last_only: x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False):
+        "Logits `[B,T,V]` (or `[B,1,V]` with `last_only`) for tokens at positions `start_pos..`; fills `cache` if given."
+        return self.lm_head(self.hidden(tokens, start_pos, cache, last_only)).float()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         "Number of parameters (a tied output matrix counted once)."
@@ -433,6 +504,71 @@ class Llama(nn.Module):
     def device(self): return self.embed_tokens.weight.device
     @property
     def dtype(self): return self.embed_tokens.weight.dtype
+
+# %% ../nbs/02_decoder.ipynb #dd36ed64
+def _chunk_rows(vocab_size: int, budget: int = 1 << 21) -> int: return max(16, budget // vocab_size)
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets` over the `valid` rows, `rows` rows at a time. The forward
+    also computes the gradients that are asked for (softmax - one-hot per chunk), so no [N, V] tensor is ever held;
+    the backward scales them by the incoming gradient."""
+    @staticmethod
+    def forward(ctx, h, weight, targets, valid, need_h: bool, need_w: bool, rows: int):
+        n = int(valid.sum())
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dnn = _fp32_onednn(h, weight)
+        for i in range(0, h.shape[0], rows):
+            hc, t, v = h[i:i + rows], targets[i:i + rows, None], valid[i:i + rows, None]
+            logp = torch.log_softmax(linear(hc, weight).float(), dim=-1)
+            total -= logp.gather(1, t).masked_fill_(~v, 0.0).sum()
+            if not (need_h or need_w): continue
+            p = logp.exp_().scatter_add_(1, t, v.to(logp.dtype).neg())      # softmax - one-hot (rows to ignore: + 0) ...
+            if not bool(v.all()): p.masked_fill_(~v, 0.0)                  # ... and then zero
+            if need_h: gh[i:i + rows] = _dnn(p, weight.t()) if dnn else (p.to(weight.dtype) @ weight)
+            if need_w: gw.addmm_(p.t(), hc.float())
+        ctx.save_for_backward(gh.div_(n) if need_h else None, gw.div_(n).to(weight.dtype) if need_w else None)
+        return total / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        return (None if gh is None else gh * g.to(gh.dtype)), (None if gw is None else gw * g.to(gw.dtype)), None, None, None, None, None
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         rows: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)` — the mean over the rows whose target is not
+    `ignore_index` (NaN if there are none, like PyTorch) — computed `rows` rows at a time (default: ~2 M logits per
+    chunk) without ever holding the [N, V] logits; gradients flow to `h` and `weight`."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy needs h [N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != h.shape[:1] or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"targets must be an integer tensor of shape [{h.shape[0]}], got {getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    if rows is not None and not _pos_int(rows): raise ValueError(f"rows must be a positive int, got {rows!r}")
+    targets = targets.to(h.device, torch.long)
+    valid = targets != ignore_index
+    if bool(valid.any()):
+        lo, hi = torch.aminmax(targets[valid])
+        if lo.item() < 0 or hi.item() >= weight.shape[0]:
+            raise ValueError(f"targets must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, got min {lo.item()} max {hi.item()}")
+    return _LinearCrossEntropy.apply(h, weight, targets.masked_fill(~valid, 0), valid, _needs_grad(h), _needs_grad(weight),
+                                     rows or _chunk_rows(weight.shape[0]))
+
+def _loss(self: Llama, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy of the logits for `tokens [B,T]` against `targets [B,T]`, skipping positions whose
+    target is `ignore_index`: `F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())`, computed by
+    `linear_cross_entropy` without the [B,T,V] logits (from the logits under autocast or with a replaced `lm_head`)."""
+    if not isinstance(targets, torch.Tensor) or not isinstance(tokens, torch.Tensor) or targets.shape != tokens.shape:
+        raise ValueError(f"targets must be a tensor shaped like tokens {tuple(getattr(tokens, 'shape', ()))}, got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
+    h = self.hidden(tokens)
+    y = targets.flatten()
+    if torch.is_autocast_enabled(h.device.type) or type(self.lm_head) is not Linear:
+        return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), y.to(h.device, torch.long), ignore_index=ignore_index)
+    return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, y, ignore_index)
+
+Llama.loss = _loss
 
 # %% ../nbs/02_decoder.ipynb #68e0de8f
 def param_breakdown(cfg: LlamaConfig) -> dict[str, int]:

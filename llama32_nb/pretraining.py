@@ -18,9 +18,10 @@ from .core import set_seed, default_device, set_threads, data_dir
 from .decoder import Llama, LlamaConfig
 
 # %% auto #0
-__all__ = ['split_text', 'tokenize_texts', 'pack_blocks', 'split_blocks', 'BlockLoader', 'lm_loss', 'evaluate', 'make_optimizer',
-           'lr_at', 'TrainConfig', 'Trainer', 'plot_history', 'tiny_llama_config', 'tiny_train_config', 'corpus_blocks',
-           'save_artifacts', 'artifacts_dir', 'load_artifacts', 'pretrain_tiny_llama']
+__all__ = ['split_text', 'tokenize_texts', 'pack_blocks', 'split_blocks', 'BlockLoader', 'lm_loss', 'batch_loss', 'evaluate',
+           'make_optimizer', 'lr_at', 'TrainConfig', 'Trainer', 'plot_history', 'tiny_llama_config',
+           'tiny_train_config', 'corpus_blocks', 'save_artifacts', 'artifacts_dir', 'load_artifacts',
+           'pretrain_tiny_llama']
 
 # %% ../nbs/03_pretraining.ipynb #890bce9b
 def split_text(text: str, max_chars: int = 2000) -> list[str]:
@@ -117,6 +118,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"lm_loss needs logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} and {tuple(targets.shape)}")
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
+def batch_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "The loss of a batch: `model.loss(x, y)` if the model has one (our `Llama`: no [B, T, V] logits), else `lm_loss(model(x), y)`."
+    loss = getattr(model, "loss", None)
+    return loss(x, y) if callable(loss) else lm_loss(model(x), y)
+
 # %% ../nbs/03_pretraining.ipynb #0ede842c
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, batch_size: int = 16, max_batches: int | None = None, bf16: bool = False) -> float:
@@ -129,7 +135,7 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int = 16, max_batches: int
     for i in range(0, n, batch_size):
         rows = blocks[i:min(i + batch_size, n)].to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = lm_loss(model(rows[:, :-1]), rows[:, 1:])
+            loss = batch_loss(model, rows[:, :-1], rows[:, 1:])
         total += loss.item() * rows.numel(); count += rows.numel()
     model.train(was_training)
     return total / count
@@ -230,8 +236,7 @@ class Trainer:
             x, y = self.loader[self.step * cfg.grad_accum + k]
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = self.model(x)
-            loss = lm_loss(logits, y) / cfg.grad_accum
+                loss = batch_loss(self.model, x, y) / cfg.grad_accum
             loss.backward()
             total += loss.item()
         if not math.isfinite(total):

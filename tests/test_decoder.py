@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from llama32_nb.decoder import Llama, LlamaConfig, checkpoint_state_dict, ffn_size, meta_name, rope_bands, unpermute_qk
+from llama32_nb.decoder import Llama, LlamaConfig, checkpoint_state_dict, ffn_size, fuse_state_dict, meta_name, rope_bands, unpermute_qk
 
 torch.set_num_threads(2)
 SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
@@ -60,6 +60,28 @@ def test_logits_match_transformers(pair):
     assert (out - ref).abs().max().item() < 1e-4
     with torch.inference_mode(): fast = ours(toks)     # inference: the CPU fast kernels of `linear`
     assert (fast - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_training_gradients_match_transformers(pair, fused_loss):
+    """One training step's loss and every parameter gradient equal transformers' (fp32): the oneDNN training kernels
+    (`_OneDNNLinear`, `_SwiGLU`) and `model.loss` (`linear_cross_entropy`) or the plain logits + F.cross_entropy."""
+    case, hf, d, ours = pair
+    toks = torch.randint(0, 320, (2, 97), generator=torch.Generator().manual_seed(3))
+    x, y = toks[:, :-1], toks[:, 1:].clone()
+    y[0, :9] = -100                                                   # ignored positions (as SFT masks prompts)
+    ref = F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y.flatten())
+    ref.backward()
+    g_ref = fuse_state_dict({k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}, ours.cfg.n_layers)
+    loss = ours.loss(x, y) if fused_loss else F.cross_entropy(ours(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    try:
+        assert abs(loss.item() - ref.item()) < 1e-5
+        for n, p in ours.named_parameters():
+            err = ((p.grad - g_ref[n]).abs().max() / g_ref[n].abs().max()).item()
+            assert err < 1e-4, (n, err)
+    finally:
+        hf.zero_grad(set_to_none=True); ours.zero_grad(set_to_none=True)
 
 
 def test_cached_forward_and_generation(pair):
@@ -196,12 +218,60 @@ def test_linear_inference_kernels(monkeypatch, onednn):
         xs16 = torch.randn(5, 64, generator=g).bfloat16()
         assert torch.equal(linear(xs16, W.bfloat16()), F.linear(xs16, W.bfloat16()))          # bf16, many rows
     lin = Linear(64, 1000, bias=False)
-    y = lin(x); y.sum().backward()                                                          # training: F.linear, gradients flow
+    y = lin(x); y.sum().backward()                                  # training: _OneDNNLinear (one oneDNN call) or F.linear
     assert lin.weight.grad is not None and y.requires_grad
-    assert calls == n
+    assert calls == {"bmm": n["bmm"], "dnn": n["dnn"] + onednn}
     with pytest.raises(RuntimeError):                                                       # wrong inner size: F.linear's error
         with torch.inference_mode(): linear(torch.randn(1, 63), W)
     assert isinstance(lin, torch.nn.Linear) and list(lin.state_dict()) == ["weight"]
+
+
+def test_training_kernels_match_plain_autograd(monkeypatch):
+    """The CPU training kernels give the gradients of plain autograd over F.linear / F.silu / F.cross_entropy, also with
+    frozen weights (only the input needs a gradient, as for adapters on a frozen model); they are first-order only."""
+    import llama32_nb.decoder as D
+    if not D.onednn_linear_available(): pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig.tiny(vocab_size=300, n_layers=2)).train()
+    x, y = torch.randint(0, 300, (2, 33)), torch.randint(0, 300, (2, 33))
+    def grads(frozen: bool):
+        for p in m.parameters(): p.requires_grad_(not frozen)
+        h0 = m.embed_tokens(x).detach().requires_grad_()
+        cos, sin = D.rope_cos_sin(m.inv_freq("cpu"), torch.arange(33))
+        h = h0
+        for layer in m.layers: h = layer(h, cos, sin)
+        loss = D.linear_cross_entropy(m.norm(h).flatten(0, 1), m.lm_head.weight, y.flatten(), rows=20)
+        ps = [h0] + ([] if frozen else list(m.parameters()))
+        return loss, torch.autograd.grad(loss, ps)
+    for frozen in (False, True):
+        fast = grads(frozen)
+        with monkeypatch.context() as mp:
+            mp.setattr(D, "onednn_linear_available", lambda: False)
+            mp.setattr(D, "linear_cross_entropy", lambda h, w, t, rows=None: F.cross_entropy(F.linear(h, w), t))
+            plain = grads(frozen)
+        assert abs(fast[0].item() - plain[0].item()) < 1e-5
+        for a, b in zip(fast[1], plain[1]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for p in m.parameters(): p.requires_grad_(True)
+    xg = torch.randn(4, m.cfg.dim, requires_grad=True)
+    out = m.layers[0].mlp(xg).sum()
+    (g,) = torch.autograd.grad(out, xg, create_graph=True)
+    with pytest.raises(RuntimeError):                               # no silent wrong second derivatives
+        g.sum().backward()
+
+
+def test_linear_cross_entropy_errors_and_edges():
+    from llama32_nb.decoder import linear_cross_entropy
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8)
+    t = torch.randint(0, 50, (10,))
+    for bad_h, bad_w, bad_t, what in [(h[:, :4], w, t, "weight"), (h, w, t[:5], "targets"), (h, w, t.float(), "targets"),
+                                      (h, w, torch.full((10,), 50), "targets must be in"), (h, w, torch.full((10,), -2), "targets must be in")]:
+        with pytest.raises(ValueError, match=what): linear_cross_entropy(bad_h, bad_w, bad_t)
+    with pytest.raises(ValueError, match="rows"): linear_cross_entropy(h, w, t, rows=0)
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full((10,), -100)))          # nothing to average: NaN, like PyTorch
+    assert torch.isnan(F.cross_entropy(F.linear(h, w), torch.full((10,), -100)))
+    m = Llama(LlamaConfig.tiny(vocab_size=50))
+    with pytest.raises(ValueError, match="targets must be a tensor shaped like tokens"): m.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size"): m.loss(torch.full((1, 4), 50), torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_state_dict_names_unchanged():

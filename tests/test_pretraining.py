@@ -4,7 +4,7 @@ import pytest
 import torch
 from llama32_nb.core import set_seed
 from llama32_nb.decoder import Llama, LlamaConfig
-from llama32_nb.pretraining import (split_text, tokenize_texts, pack_blocks, split_blocks, BlockLoader, lm_loss, evaluate,
+from llama32_nb.pretraining import (split_text, tokenize_texts, pack_blocks, split_blocks, BlockLoader, lm_loss, batch_loss, evaluate,
                                     make_optimizer, lr_at, TrainConfig, Trainer, tiny_llama_config, tiny_train_config)
 
 torch.set_num_threads(2)
@@ -92,6 +92,21 @@ def test_block_loader_order_is_a_function_of_the_step():
 def test_lm_loss_uniform_is_log_vocab():
     assert math.isclose(lm_loss(torch.zeros(2, 3, V), torch.randint(0, V, (2, 3))).item(), math.log(V), rel_tol=1e-6)
     with pytest.raises(ValueError): lm_loss(torch.zeros(2, 3, V), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_batch_loss_uses_the_model_loss_when_there_is_one():
+    set_seed(0)
+    m = Llama(model_cfg())
+    x, y = torch.randint(0, V, (3, 16)), torch.randint(0, V, (3, 16))
+    ref = lm_loss(m(x), y)
+    calls = []
+    m.loss = lambda a, b: calls.append(1) or Llama.loss(m, a, b)          # Llama's fused loss, counted
+    assert torch.allclose(batch_loss(m, x, y), ref, atol=1e-6) and calls == [1]
+
+    class Plain(torch.nn.Module):                                         # any model without .loss: logits + lm_loss
+        def __init__(self): super().__init__(); self.inner = m
+        def forward(self, t): return self.inner(t)
+    assert torch.allclose(batch_loss(Plain(), x, y), ref, atol=1e-6) and calls == [1]
 
 
 def test_lr_schedule_values():
