@@ -121,11 +121,11 @@ def train_tps(cfg, B, T, steps, reps):
     steps_fn = {"hf": make_step(hf, lambda a, b: F.cross_entropy(hf(a).logits.flatten(0, 1).float(), b.flatten())),
                 "ours": make_step(ours, lambda a, b: F.cross_entropy(ours(a).flatten(0, 1), b.flatten())),
                 "fused": make_step(ours_fused, ours_fused.loss)}
-    t = {k: [] for k in steps_fn}
-    for _ in range(reps):   # interleaved
-        for name, fn in steps_fn.items():
+    t, names = {k: [] for k in steps_fn}, list(steps_fn)
+    for r in range(reps):   # interleaved; the order rotates each round, so no model always runs after the same one
+        for name in names[r % 3:] + names[:r % 3]:
             t0 = time.perf_counter()
-            for _ in range(steps): fn()
+            for _ in range(steps): steps_fn[name]()
             t[name].append(time.perf_counter() - t0)
     tps = {k: B * T * steps / min(v) for k, v in t.items()}
     return [{"ours": tps[k], "hf": tps["hf"], "median_ratio": median([h / o for o, h in zip(t[k], t["hf"])])} for k in ("ours", "fused")]
