@@ -106,7 +106,7 @@ def train_tps(cfg, B, T, steps, reps):
     """Training tokens/s (forward, backward, AdamW step) on independent copies of the same weights, interleaved round
     by round: transformers (logits, then F.cross_entropy, which is what its `labels=` loss computes), ours the same
     way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over ours."""
-    ours, _ = build_pair(cfg)
+    ours, _ = build_pair(cfg)   # build_pair's transformers model shares our tensors; each optimizer needs its own copy
     ours_fused = copy.deepcopy(ours)
     hf = transformers.LlamaForCausalLM(hf_config(cfg)); hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.clone() for k, v in checkpoint_state_dict(ours).items()}, strict=False)
     for m in (hf, ours, ours_fused): m.train()

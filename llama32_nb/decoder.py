@@ -560,8 +560,10 @@ def _loss(self: Llama, tokens: torch.Tensor, targets: torch.Tensor, ignore_index
     """Mean next-token cross-entropy of the logits for `tokens [B,T]` against `targets [B,T]`, skipping positions whose
     target is `ignore_index`: `F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())`, computed by
     `linear_cross_entropy` without the [B,T,V] logits (from the logits under autocast or with a replaced `lm_head`)."""
-    if not isinstance(targets, torch.Tensor) or not isinstance(tokens, torch.Tensor) or targets.shape != tokens.shape:
-        raise ValueError(f"targets must be a tensor shaped like tokens {tuple(getattr(tokens, 'shape', ()))}, got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
+    if (not isinstance(targets, torch.Tensor) or not isinstance(tokens, torch.Tensor) or targets.shape != tokens.shape
+            or targets.is_floating_point() or targets.is_complex()):
+        raise ValueError(f"targets must be an integer tensor shaped like tokens {tuple(getattr(tokens, 'shape', ()))}, got "
+                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
     h = self.hidden(tokens)
     y = targets.flatten()
     if torch.is_autocast_enabled(h.device.type) or type(self.lm_head) is not Linear:

@@ -270,7 +270,7 @@ def test_linear_cross_entropy_errors_and_edges():
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((10,), -100)))          # nothing to average: NaN, like PyTorch
     assert torch.isnan(F.cross_entropy(F.linear(h, w), torch.full((10,), -100)))
     m = Llama(LlamaConfig.tiny(vocab_size=50))
-    with pytest.raises(ValueError, match="targets must be a tensor shaped like tokens"): m.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must be an integer tensor shaped like tokens"): m.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"): m.loss(torch.full((1, 4), 50), torch.zeros(1, 4, dtype=torch.long))
 
 
