@@ -1,22 +1,39 @@
-"""Benchmark: llama32_nb's Llama vs transformers' LlamaForCausalLM on the same random weights, 2 threads.
+"""Benchmark: llama32_nb's Llama (its default, the speed layer on) vs transformers' LlamaForCausalLM on the same random
+weights, 2 threads.
 
 Decode tokens/s with the KV cache (fp32, bf16) at the Llama 3.2 1B shape, the fp32 share of the
 memory-bandwidth roofline (weight bytes per token over the read bandwidth probed before and after each
 timed round), prefill tokens/s for a 512-token prompt, and training tokens/s (forward + backward + AdamW)
 on a tiny config. Ours and transformers run interleaved, round by round; the table gives the best-round
-ratio and the median of same-round ratios. Not a test: prints a table with ratios.
+ratio and the median of same-round ratios. Not a test: prints the CPU model, a table with ratios, and the kernels the
+speed layer chose on this machine.
 
     .venv/bin/python bench/bench_decoder.py [--quick] [--train-only]
 """
-import argparse, copy, gc, sys, time
+import argparse, copy, gc, platform, sys, time
 
 import torch
 import torch.nn.functional as F
 import transformers
 
-from llama32_nb.decoder import KVCache, Llama, LlamaConfig, checkpoint_state_dict, onednn_linear_available
+from llama32_nb.decoder import Llama, LlamaConfig, hf_name
+from llama32_nb.kernels import kernel_report
 
 torch.set_num_threads(2)
+
+
+def cpu_model() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux), e.g. 'AMD EPYC 7B13' or 'Intel(R) Xeon(R) Platinum 8481C'."
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+
+def hf_state_dict(ours: Llama) -> dict:
+    "Our weights under transformers' names (no output matrix when tied)."
+    return {hf_name(k): v for k, v in ours.state_dict().items() if not (ours.cfg.tie_embeddings and k == "lm_head.weight")}
 
 
 def hf_config(c: LlamaConfig) -> transformers.LlamaConfig:
@@ -35,8 +52,7 @@ def build_pair(cfg: LlamaConfig, dtype=torch.float32, seed=0):
         else: p.normal_(0.0, 0.02, generator=g)
     ours.lm_head.weight = ours.embed_tokens.weight if cfg.tie_embeddings else ours.lm_head.weight
     with torch.device("meta"): hf = transformers.LlamaForCausalLM(hf_config(cfg))
-    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in checkpoint_state_dict(ours).items()}
-    hf.load_state_dict(sd, strict=False, assign=True)
+    hf.load_state_dict(hf_state_dict(ours), strict=False, assign=True)
     if cfg.tie_embeddings: hf.lm_head.weight = hf.model.embed_tokens.weight
     hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.original_inv_freq = ours.inv_freq("cpu").clone()
     return ours.eval(), hf.eval()
@@ -92,7 +108,7 @@ def decode_tps(ours, hf, n_new, reps, weight_bytes, prompt_len=8):
 @torch.inference_mode()
 def prefill_tps(ours, hf, T, reps):
     toks = torch.randint(0, ours.cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
-    def o(): ours(toks, 0, KVCache(ours.cfg, 1, T, ours.dtype), last_only=True)
+    def o(): ours(toks, 0, ours.new_cache(1, T), last_only=True)
     def h(): hf(toks, use_cache=True, logits_to_keep=1)
     o(); h()
     t = {"ours": [], "hf": []}
@@ -108,7 +124,8 @@ def train_tps(cfg, B, T, steps, reps):
     way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over ours."""
     ours, _ = build_pair(cfg)   # build_pair's transformers model shares our tensors; each optimizer needs its own copy
     ours_fused = copy.deepcopy(ours)
-    hf = transformers.LlamaForCausalLM(hf_config(cfg)); hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v.clone() for k, v in checkpoint_state_dict(ours).items()}, strict=False)
+    hf = transformers.LlamaForCausalLM(hf_config(cfg))
+    hf.load_state_dict({k: v.clone() for k, v in hf_state_dict(ours).items()}, strict=False)
     for m in (hf, ours, ours_fused): m.train()
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
     def make_step(model, loss_fn):
@@ -137,8 +154,8 @@ def main():
     ap.add_argument("--train-only", action="store_true", help="only the training benchmark")
     args = ap.parse_args()
     n_new, reps = (6, 1) if args.quick else (16, 5)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"oneDNN linear: {onednn_linear_available()}")
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}")
     rows = []
 
     if not args.train_only:
@@ -162,7 +179,7 @@ def main():
                      f"{r['same_argmax']}; greedy tokens equal for {r['agree']}/{n_new}; median roofline share {median(r['shares']):.0%}"))
         del ours, hf; gc.collect()
 
-    tcfg = LlamaConfig.tiny(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
+    tcfg = LlamaConfig.toy(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
     r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 12)
     rows.append(("train tiny fp32, model.loss (tok/s)", r_fused, "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)"))
     rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits, "the same, ours through logits + F.cross_entropy like transformers"))
@@ -173,6 +190,10 @@ def main():
         if r is None: print(f"{'':76}  {note}"); continue
         print(f"{name:36}{r['ours']:9.2f}{r['hf']:13.2f}{r['ours'] / r['hf']:9.2f}x{r['median_ratio']:7.2f}x  {note}")
     print("(best/best: best round of ours over best round of transformers; median: median over rounds of the same-round ratio)")
+    print(f"\nkernels the speed layer chose on this CPU ({cpu_model()}), by kind of product:")
+    for r in kernel_report():
+        ms = ", ".join(f"{k} {v:.3g}" for k, v in r["ms"].items())
+        print(f"  {r['kind']:9} {r['dtype']:8} {r['weight']:>12} rows {r['rows']:<5} -> {r['choice']:19} (ms: {ms})")
 
 
 if __name__ == "__main__":

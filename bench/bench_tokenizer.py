@@ -1,11 +1,11 @@
 """Tokenizer benchmark (not a test): encode speed vs llama_models / tiktoken / HF tokenizers on the real Llama 3
 vocabulary, and BPE training speed vs HF tokenizers' BpeTrainer. Run: .venv/bin/python bench/bench_tokenizer.py [--encode-only]"""
-import os, sys, sysconfig, time
+import os, platform, sys, sysconfig, time
 from pathlib import Path
 
 from llama32_nb.core import data_dir
-from llama32_nb.tokenizer import (Tokenizer, LLAMA3_PATTERN, LLAMA3_NAMED_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS,
-                                  llama3_model_path, read_tiktoken_bpe)
+from llama32_nb.bpe import LLAMA3_PATTERN, llama3_model_path, read_tiktoken_bpe
+from llama32_nb.tokenizer import Tokenizer, LLAMA3_NAMED_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS
 
 LANGS = ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
 
@@ -70,14 +70,14 @@ def bench_encode():
     size = mb(texts)
     meta = MetaTokenizer.get_instance()
     t = time.perf_counter(); ours = Tokenizer(read_tiktoken_bpe(llama3_model_path()), LLAMA3_SPECIAL_TOKENS); t_load = time.perf_counter() - t
-    t = time.perf_counter(); ours._cache.bpe; t_pairs = time.perf_counter() - t   # vocabulary-derived tables (built once)
+    t = time.perf_counter(); ours.engine.batch; t_pairs = time.perf_counter() - t   # vocabulary-derived tables (once)
     # Interleave Meta / ours-cold / ours-warm so that load from other processes hits all three alike; best of `n_rep`.
     # "cold" = a fresh piece cache (back to the vocabulary prefill): every pre-token is seen for the first time,
     # which is the honest comparison with Meta's encode (no cache at all).
     n_rep, ts = 7, {"meta": [], "cold": [], "warm": []}
     for _ in range(n_rep):
         t = time.perf_counter(); meta_ids = [meta.encode(s, bos=False, eos=False) for s in texts]; ts["meta"].append(time.perf_counter() - t)
-        ours._cache.reset()
+        ours.engine.reset()
         t = time.perf_counter(); ours_ids = [ours.encode(s) for s in texts]; ts["cold"].append(time.perf_counter() - t)
         t = time.perf_counter(); warm_ids = [ours.encode(s) for s in texts]; ts["warm"].append(time.perf_counter() - t)
     t_meta, t_cold, t_warm = min(ts["meta"]), min(ts["cold"]), min(ts["warm"])

@@ -2,9 +2,9 @@
 """`make recipe`: the Llama 3.2 recipe in miniature, on the shipped data, on CPU.
 
 Each stage reads what earlier stages wrote into the run folder and writes its own artifacts, figures and a
-section of `report.md`. Stages so far: tokenizer (train our BPE on the corpus, compare compression with the
-real Llama 3 vocabulary). Later issues add one stage each (pretraining, pruning, distillation,
-post-training, vision, long context, quantized export).
+section of `report.md`, with a progress bar. The stages are the keys of `STAGES` below: tokenizer (train our BPE on
+the corpus, compare compression with the real Llama 3 vocabulary), pretraining (the tiny Llama), samples (text from
+it). Later components add one stage each.
 
     python scripts/recipe.py [--out runs/NAME] [--stages tokenizer,...] [--ship]
 """
@@ -157,8 +157,8 @@ def stage_samples(run: Run):
     out, samples = [], {}
     for prompt in tqdm(SAMPLE_PROMPTS, desc="samples", unit="prompt"):
         ids = tok.encode(prompt)
-        greedy = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.0, stop_tokens=(tok.eos_id,)))
-        sampled = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=50, seed=0, stop_tokens=(tok.eos_id,)))
+        greedy = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.0, tokenizer=tok))
+        sampled = tok.decode(model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=50, seed=0, tokenizer=tok))
         samples[prompt] = dict(greedy=greedy, sampled=sampled)
         out.append(f"**Prompt** `{prompt.replace(chr(10), ' / ')}`\n\nGreedy:\n\n```\n{prompt}{greedy}\n```\n\n"
                    f"Sampled (temperature 0.8, top-k 50, seed 0):\n\n```\n{prompt}{sampled}\n```\n")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from llama32_nb.decoder import Llama, LlamaConfig, checkpoint_state_dict, ffn_size, fuse_state_dict, meta_name, rope_bands, unpermute_qk
+from llama32_nb.decoder import Llama, LlamaConfig, ffn_size, hf_name, meta_name, rope_bands, unpermute_qk
 
 torch.set_num_threads(2)
 SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
@@ -55,24 +55,29 @@ def test_logits_match_transformers(pair):
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == CASES[case][5]
     toks = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(1))  # positions beyond original_max_position_embeddings=64
     with torch.no_grad(): ref = hf(toks).logits
-    out = ours(toks)                                   # gradients enabled: F.linear everywhere
+    out = ours(toks)                                   # gradients enabled: the training kernels
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 1e-4
-    with torch.inference_mode(): fast = ours(toks)     # inference: the CPU fast kernels of `linear`
+    with torch.inference_mode(): fast = ours(toks)     # inference: the measured inference kernels
     assert (fast - ref).abs().max().item() < 1e-4
+    plain = Llama.from_pretrained(d, fast=False)       # the plain reference: nn.Linear everywhere
+    assert not plain.fast and all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad(): assert (plain(toks) - ref).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("fused_loss", [True, False])
-def test_training_gradients_match_transformers(pair, fused_loss):
-    """One training step's loss and every parameter gradient equal transformers' (fp32): the oneDNN training kernels
-    (`_OneDNNLinear`, `_SwiGLU`) and `model.loss` (`linear_cross_entropy`) or the plain logits + F.cross_entropy."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_training_gradients_match_transformers(pair, fused_loss, fast):
+    """One training step's loss and every parameter gradient equal transformers' (fp32), with the speed layer (measured
+    training kernels, chunked loss) and without it, through `model.loss` or the plain logits + F.cross_entropy."""
     case, hf, d, ours = pair
+    if not fast: ours = Llama.from_pretrained(d, fast=False)
     toks = torch.randint(0, 320, (2, 97), generator=torch.Generator().manual_seed(3))
     x, y = toks[:, :-1], toks[:, 1:].clone()
     y[0, :9] = -100                                                   # ignored positions (as SFT masks prompts)
     ref = F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y.flatten())
     ref.backward()
-    g_ref = fuse_state_dict({k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}, ours.cfg.n_layers)
+    g_ref = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
     loss = ours.loss(x, y) if fused_loss else F.cross_entropy(ours(x).flatten(0, 1), y.flatten())
     loss.backward()
     try:
@@ -111,7 +116,8 @@ def write_meta(ours: Llama, d, multiple_of, tie_output=True):
     "A Meta-format checkpoint (interleaved q/k rows, Meta names, explicit output.weight) from our HF-layout weights."
     c = ours.cfg
     sd = {}
-    for k, v in checkpoint_state_dict(ours).items():
+    for k, v in ours.state_dict().items():
+        if k == "lm_head.weight" and c.tie_embeddings: continue
         if "q_proj" in k: v = unpermute_qk(v, c.n_heads)
         elif "k_proj" in k: v = unpermute_qk(v, c.n_kv_heads)
         sd[meta_name(k)] = v.clone()
@@ -164,7 +170,7 @@ def test_meta_real_shapes_config():
 
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny())
+    m = Llama(LlamaConfig.toy())
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     x = torch.randint(0, 256, (4, 33))
     losses = []
@@ -174,109 +180,9 @@ def test_training_step_reduces_loss():
     assert losses[-1] < losses[0] - 1
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_linear_inference_kernels(monkeypatch, onednn):
-    """`linear` without gradients: fp32 on oneDNN's linear (or, without it, one row through the bmm split), one bf16 row
-    as a two-row view; each equal to F.linear within rounding. With gradients, bias or odd weights: plain F.linear."""
-    import llama32_nb.decoder as D
-    from llama32_nb.decoder import Linear, linear
-    if onednn and not D.onednn_linear_available(): pytest.skip("this PyTorch build has no oneDNN linear")
-    monkeypatch.setattr(D, "onednn_linear_available", lambda: onednn)
-    calls = {"bmm": 0, "dnn": 0}
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.__setitem__("bmm", calls["bmm"] + 1) or bmm(*a, **k))
-    if onednn:
-        dnn = torch.ops.mkldnn._linear_pointwise
-        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.__setitem__("dnn", calls["dnn"] + 1) or dnn(*a))
-    kernel = "dnn" if onednn else "bmm"
-    g = torch.Generator().manual_seed(0)
-    for o, i in [(3072, 2048), (1000, 64), (128256 // 16, 256)]:
-        W, x = torch.randn(o, i, generator=g) * 0.02, torch.randn(i, generator=g)
-        ref = F.linear(x, W)
-        with torch.inference_mode():
-            for shape in [(i,), (1, i), (1, 1, i)]:
-                n = calls[kernel]
-                y = linear(x.view(shape), W)
-                assert calls[kernel] == n + 1 and y.shape == shape[:-1] + (o,)
-                torch.testing.assert_close(y.view(-1), ref, rtol=1e-5, atol=1e-5)
-            xs = torch.randn(2, 5, i, generator=g)
-            n = calls["dnn"]
-            torch.testing.assert_close(linear(xs, W), F.linear(xs, W), rtol=1e-5, atol=1e-5)                # many rows
-            torch.testing.assert_close(linear(xs[:, -1:], W), F.linear(xs[:, -1:], W), rtol=1e-5, atol=1e-5)  # strided view
-            assert calls["dnn"] == n + 2 * onednn
-            xb, Wb = x.bfloat16(), W.bfloat16()
-            yb = linear(xb.view(1, 1, i), Wb)
-            assert yb.dtype == torch.bfloat16 and yb.shape == (1, 1, o)
-            torch.testing.assert_close(yb.view(-1).float(), F.linear(xb, Wb).float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
-    n = dict(calls)
-    W, x = torch.randn(1002, 64, generator=g), torch.randn(1, 64, generator=g)
-    b = torch.randn(1002, generator=g)
-    with torch.inference_mode():
-        assert torch.equal(linear(x, W, b), F.linear(x, W, b))                                  # bias
-        Wn = W[:1000].t().contiguous().t()
-        assert not Wn.is_contiguous() and torch.equal(linear(x, Wn), F.linear(x, Wn))          # non-contiguous weight
-        xs16 = torch.randn(5, 64, generator=g).bfloat16()
-        assert torch.equal(linear(xs16, W.bfloat16()), F.linear(xs16, W.bfloat16()))          # bf16, many rows
-    lin = Linear(64, 1000, bias=False)
-    y = lin(x); y.sum().backward()                                  # training: _OneDNNLinear (one oneDNN call) or F.linear
-    assert lin.weight.grad is not None and y.requires_grad
-    assert calls == {"bmm": n["bmm"], "dnn": n["dnn"] + onednn}
-    with pytest.raises(RuntimeError):                                                       # wrong inner size: F.linear's error
-        with torch.inference_mode(): linear(torch.randn(1, 63), W)
-    assert isinstance(lin, torch.nn.Linear) and list(lin.state_dict()) == ["weight"]
-
-
-def test_training_kernels_match_plain_autograd(monkeypatch):
-    """The CPU training kernels give the gradients of plain autograd over F.linear / F.silu / F.cross_entropy, also with
-    frozen weights (only the input needs a gradient, as for adapters on a frozen model); they are first-order only."""
-    import llama32_nb.decoder as D
-    if not D.onednn_linear_available(): pytest.skip("this PyTorch build has no oneDNN linear")
-    torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny(vocab_size=300, n_layers=2)).train()
-    x, y = torch.randint(0, 300, (2, 33)), torch.randint(0, 300, (2, 33))
-    def grads(frozen: bool):
-        for p in m.parameters(): p.requires_grad_(not frozen)
-        h0 = m.embed_tokens(x).detach().requires_grad_()
-        cos, sin = D.rope_cos_sin(m.inv_freq("cpu"), torch.arange(33))
-        h = h0
-        for layer in m.layers: h = layer(h, cos, sin)
-        loss = D.linear_cross_entropy(m.norm(h).flatten(0, 1), m.lm_head.weight, y.flatten(), rows=20)
-        ps = [h0] + ([] if frozen else list(m.parameters()))
-        return loss, torch.autograd.grad(loss, ps)
-    for frozen in (False, True):
-        fast = grads(frozen)
-        with monkeypatch.context() as mp:
-            mp.setattr(D, "onednn_linear_available", lambda: False)
-            mp.setattr(D, "linear_cross_entropy", lambda h, w, t, rows=None: F.cross_entropy(F.linear(h, w), t))
-            plain = grads(frozen)
-        assert abs(fast[0].item() - plain[0].item()) < 1e-5
-        for a, b in zip(fast[1], plain[1]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    for p in m.parameters(): p.requires_grad_(True)
-    xg = torch.randn(4, m.cfg.dim, requires_grad=True)
-    out = m.layers[0].mlp(xg).sum()
-    (g,) = torch.autograd.grad(out, xg, create_graph=True)
-    with pytest.raises(RuntimeError):                               # no silent wrong second derivatives
-        g.sum().backward()
-
-
-def test_linear_cross_entropy_errors_and_edges():
-    from llama32_nb.decoder import linear_cross_entropy
-    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(50, 8)
-    t = torch.randint(0, 50, (10,))
-    for bad_h, bad_w, bad_t, what in [(h[:, :4], w, t, "weight"), (h, w, t[:5], "targets"), (h, w, t.float(), "targets"),
-                                      (h, w, torch.full((10,), 50), "targets must be in"), (h, w, torch.full((10,), -2), "targets must be in")]:
-        with pytest.raises(ValueError, match=what): linear_cross_entropy(bad_h, bad_w, bad_t)
-    with pytest.raises(ValueError, match="rows"): linear_cross_entropy(h, w, t, rows=0)
-    assert torch.isnan(linear_cross_entropy(h, w, torch.full((10,), -100)))          # nothing to average: NaN, like PyTorch
-    assert torch.isnan(F.cross_entropy(F.linear(h, w), torch.full((10,), -100)))
-    m = Llama(LlamaConfig.tiny(vocab_size=50))
-    with pytest.raises(ValueError, match="targets must be an integer tensor shaped like tokens"): m.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="vocab_size"): m.loss(torch.full((1, 4), 50), torch.zeros(1, 4, dtype=torch.long))
-
-
-def test_state_dict_names_unchanged():
-    m = Llama(LlamaConfig.tiny(n_layers=1))
-    names = set(m.state_dict())
-    assert {"layers.0.self_attn.qkv_proj.weight", "layers.0.self_attn.o_proj.weight", "layers.0.mlp.gate_up_proj.weight",
-            "layers.0.mlp.down_proj.weight", "lm_head.weight", "embed_tokens.weight"} <= names
-    assert all(type(mod).__name__ == "Linear" for n, mod in m.named_modules() if n.endswith(("_proj", "lm_head")))
+def test_state_dict_names_are_hf_names():
+    "Our parameter names are transformers' minus `model.`: separate q/k/v and gate/up projections, as in Meta's model."
+    m = Llama(LlamaConfig.toy(n_layers=1, tie_embeddings=False))
+    hf = transformers.LlamaForCausalLM(hf_config(64, 4, 2, 16, m.cfg.ffn_dim, False, vocab=256, layers=1))
+    assert {hf_name(k) for k in m.state_dict()} == set(hf.state_dict())
+    assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"} <= set(m.state_dict())

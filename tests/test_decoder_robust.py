@@ -5,9 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama32_nb.decoder import CheckpointError, KVCache, Llama, LlamaConfig, sample_next
+from llama32_nb.checkpoint import CheckpointError
+from llama32_nb.decoder import Llama, LlamaConfig
+from llama32_nb.generation import KVCache, sample_next
 
 torch.set_num_threads(2)
+PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
 SC = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
 
 
@@ -18,24 +21,27 @@ SC = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_po
     (dict(norm_eps=0.0), "norm_eps"), (dict(rope_theta=-1.0), "rope_theta"), (dict(dim=64.0), "dim"),
     (dict(tie_embeddings="yes"), "tie_embeddings"), (dict(rope_scaling=dict(factor=8.0)), "rope_scaling"),
     (dict(rope_scaling={**SC, "foo": 1}), "foo"), (dict(rope_scaling={**SC, "factor": 0}), "factor"),
-    (dict(rope_scaling={**SC, "rope_type": "yarn"}), "rope_type"), (dict(rope_scaling={**SC, "high_freq_factor": 0.5}), "high_freq_factor"),
+    (dict(rope_scaling={**SC, "rope_type": "yarn"}), "rope_type"),
+    (dict(rope_scaling={**SC, "high_freq_factor": 0.5}), "high_freq_factor"),
     (dict(rope_scaling="llama3"), "rope_scaling"),
 ])
 def test_bad_config_names_field(kw, field):
-    with pytest.raises(ValueError, match=field): LlamaConfig.tiny(**kw)
+    with pytest.raises(ValueError, match=field): LlamaConfig.toy(**kw)
 
 
 def test_presets_valid_and_hf_roundtrip():
-    for c in (LlamaConfig.llama32_1b(), LlamaConfig.llama32_3b(), LlamaConfig.llama32_11b_text(), LlamaConfig.llama32_90b_text(), LlamaConfig.tiny()):
+    for c in (LlamaConfig.llama32_1b(), LlamaConfig.llama32_3b(), LlamaConfig.llama32_11b_text(),
+              LlamaConfig.llama32_90b_text(), LlamaConfig.toy()):
         assert LlamaConfig.from_hf_dict(json.loads(json.dumps(c.to_hf_dict()))) == c
-    assert LlamaConfig.llama32_11b_text().rope_scaling["factor"] == 8.0 and LlamaConfig.llama32_3b().rope_scaling["factor"] == 32.0
+    assert LlamaConfig.llama32_11b_text().rope_scaling["factor"] == 8.0
+    assert LlamaConfig.llama32_3b().rope_scaling["factor"] == 32.0
     with pytest.raises(ValueError, match="hidden_size"): LlamaConfig.from_hf_dict({"num_hidden_layers": 2})
 
 
 @pytest.fixture
 def ckpt(tmp_path):
     torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny(tie_embeddings=False, rope_scaling=SC))
+    m = Llama(LlamaConfig.toy(tie_embeddings=False, rope_scaling=SC))
     return m, m.save_pretrained(tmp_path / "ck")
 
 
@@ -53,7 +59,8 @@ def test_missing_extra_misshaped_in_one_error(ckpt):
     sd["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
     sd["model.layers.0.input_layernorm.weight"] = torch.zeros(64, dtype=torch.int32)
     save_file(sd, d / "model.safetensors")
-    msg = expect_error(d, "missing tensor 'model.norm.weight'", "missing tensor 'lm_head.weight'", "misshaped tensor 'model.layers.1.self_attn.k_proj.weight'",
+    msg = expect_error(d, "missing tensor 'model.norm.weight'", "missing tensor 'lm_head.weight'",
+                       "misshaped tensor 'model.layers.1.self_attn.k_proj.weight'",
                        "unexpected tensor 'model.layers.9.mlp.up_proj.weight'", "non-float")
     assert "5 problem(s)" in msg
 
@@ -67,7 +74,7 @@ def test_truncated_safetensors(ckpt):
 
 def test_truncated_shard_and_missing_shard(tmp_path):
     torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny())
+    m = Llama(LlamaConfig.toy())
     d = m.save_pretrained(tmp_path / "sh", max_shard_size=60_000)
     shards = sorted(d.glob("model-*.safetensors"))
     assert len(shards) >= 3
@@ -103,13 +110,14 @@ def test_config_shapes_disagree_with_weights(ckpt):
 
 def test_meta_truncated_and_bad(tmp_path):
     d = tmp_path / "meta"; d.mkdir()
-    (d / "params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)))
+    (d / "params.json").write_text(json.dumps(PARAMS))
     with pytest.raises(CheckpointError, match="consolidated"): Llama.from_pretrained(d)
     torch.save({"tok_embeddings.weight": torch.zeros(256, 64)}, d / "consolidated.00.pth")
     b = (d / "consolidated.00.pth").read_bytes(); (d / "consolidated.00.pth").write_bytes(b[: len(b) // 2])
     expect_error(d, "unreadable consolidated.00.pth")
     torch.save({"tok_embeddings.weight": torch.zeros(256, 64), "bogus": torch.zeros(2)}, d / "consolidated.00.pth")
-    expect_error(d, "unexpected tensor 'bogus'", "missing tensor 'layers.0.attention.wq.weight'", "missing tensor 'norm.weight'")
+    expect_error(d, "unexpected tensor 'bogus'", "missing tensor 'layers.0.attention.wq.weight'",
+                 "missing tensor 'norm.weight'")
 
 
 class Evil:  # an arbitrary object: weights_only=True must refuse to unpickle it
@@ -118,13 +126,13 @@ class Evil:  # an arbitrary object: weights_only=True must refuse to unpickle it
 
 def test_meta_refuses_pickled_objects(tmp_path):
     d = tmp_path / "meta"; d.mkdir()
-    (d / "params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)))
+    (d / "params.json").write_text(json.dumps(PARAMS))
     torch.save({"tok_embeddings.weight": torch.zeros(256, 64), "x": Evil()}, d / "consolidated.00.pth")
     expect_error(d, "unreadable")
 
 
 def test_token_errors():
-    m = Llama(LlamaConfig.tiny(max_seq_len=32))
+    m = Llama(LlamaConfig.toy(max_seq_len=32))
     ok = torch.zeros(1, 4, dtype=torch.long)
     m(ok)
     with pytest.raises(ValueError, match="vocab_size"): m(torch.full((1, 4), 256))
@@ -142,7 +150,7 @@ def test_token_errors():
 
 def test_generate_errors_and_limits():
     torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny(max_seq_len=32))
+    m = Llama(LlamaConfig.toy(max_seq_len=32))
     with pytest.raises(ValueError, match="empty"): m.generate([], 4)
     with pytest.raises(ValueError, match="out of range"): m.generate([1, 999], 4)
     with pytest.raises(ValueError, match="max_seq_len"): m.generate([1] * 33, 4)
@@ -165,8 +173,30 @@ def test_sampling_rules():
 
 def test_stop_tokens_default_and_disabled():
     torch.manual_seed(0)
-    m = Llama(LlamaConfig.tiny(vocab_size=128256, n_layers=1, max_seq_len=64))
+    m = Llama(LlamaConfig.toy(vocab_size=128256, n_layers=1, max_seq_len=64))
     free = m.generate([128000, 5], 12, stop_tokens=())
     stopper = free[3]
     assert m.generate([128000, 5], 12, stop_tokens=[stopper]) == free[:free.index(stopper)]
-    assert m.generate([128000, 5], 12, stop_tokens=None) == free
+    assert m.generate([128000, 5], 12, stop_tokens=None) == free      # no tokenizer, no stop_tokens: none
+
+
+def test_stop_tokens_come_from_the_tokenizer_on_the_tiny_model():
+    "The shipped 2,048-token model stops at its own tokenizer's ids; Llama 3's ids are refused, not silently ignored."
+    from llama32_nb.pretraining import load_artifacts
+    model, tok = load_artifacts(device="cpu")
+    assert model.cfg.vocab_size == 2048 and max(tok.stop_tokens) < 2048
+    assert model.stop_ids(tokenizer=tok) == frozenset(tok.stop_tokens)
+    prompt = tok.encode("ROMEO:\n")
+    free = model.generate(prompt, 40, temperature=1.0, seed=3)
+    stop = free[5]
+    assert model.generate(prompt, 40, temperature=1.0, seed=3, stop_tokens=[stop]) == free[:free.index(stop)]
+    class EndsText(torch.nn.Module):                                  # a head that makes <|end_of_text|> likely
+        def __init__(self, head): super().__init__(); self.head = head
+        def forward(self, h):
+            z = self.head(h); z[..., tok.eos_id] += 30.0; return z
+    model.lm_head = EndsText(model.lm_head)
+    out = model.generate(prompt, 40, tokenizer=tok)
+    assert out == [] and model.generate(prompt, 40, stop_tokens=())[0] == tok.eos_id   # stopped, EOS not yielded
+    assert len(model.generate(prompt, 40)) == 40                       # no tokenizer: no stop ids, runs to the end
+    with pytest.raises(ValueError, match="not ids of this model"): model.generate(prompt, 4, stop_tokens=[128001])
+    with pytest.raises(ValueError, match="tokenizer="): model.chat("hi")

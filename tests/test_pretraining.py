@@ -18,7 +18,7 @@ class ByteTok:
     def decode(self, ids): return bytes(ids).decode("utf-8", errors="replace")
 
 
-def model_cfg(**kw): return LlamaConfig.tiny(**{**dict(vocab_size=V, max_seq_len=32), **kw})
+def model_cfg(**kw): return LlamaConfig.toy(**{**dict(vocab_size=V, max_seq_len=32), **kw})
 
 
 @pytest.fixture(scope="module")

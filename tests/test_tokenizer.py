@@ -8,10 +8,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from llama32_nb.core import data_dir
-from llama32_nb.tokenizer import (Tokenizer, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS,
-    bpe_merge_simple, bpe_merge_heap, split_long_runs, encode_segments, train_bpe, pretokenize, read_tiktoken_bpe,
-    write_tiktoken_bpe, llama3_model_path, token_spans, render_tokens_html, MAX_RUN_CHARS, _WS, _ASCII_RE,
-    BatchBPE, bpe_merge_ids, _INF, LLAMA3_FAST_PATTERN, compile_pattern)
+from llama32_nb.bpe import (LLAMA3_PATTERN, bpe_encode, bpe_merge_simple, bpe_merge_heap, train_bpe, pretokenize,
+    read_tiktoken_bpe, write_tiktoken_bpe, llama3_model_path, compile_pattern)
+from llama32_nb.batch_bpe import (ArrayBPE, BatchBPE, TokenTable, bpe_merge_ids, NOT_A_TOKEN, is_bmp, split_pretokens,
+    _key)
+from llama32_nb.tokenizer import (Tokenizer, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS, split_long_runs,
+    encode_segments, token_spans, render_tokens_html, MAX_RUN_CHARS)
+
 
 LANGS = ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
 
@@ -90,6 +93,7 @@ def test_pretokenize_example():
 
 
 text_strategy = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200)
+bmp_strategy = st.text(alphabet=st.characters(max_codepoint=0xFFFF, exclude_categories=("Cs",)), max_size=200)
 
 
 @settings(max_examples=1000, deadline=None)
@@ -123,7 +127,7 @@ def test_every_code_point_pretokenizes_like_meta(tok, meta):
 @given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
 def test_ascii_fast_path_parity(s):
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-    assert _ASCII_RE.findall(s) == pretokenize(s)
+    assert split_pretokens(s) == pretokenize(s)
     assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
 
 
@@ -133,11 +137,24 @@ contraction_strategy = st.lists(st.sampled_from(["'", "s", "S", "\u017f", "t", "
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.one_of(text_strategy, contraction_strategy))
-def test_fast_pattern_spellings_split_like_the_official_pattern(s):
-    "The factored contractions and the final single `\\s` change nothing (Unicode and ASCII spellings)."
-    assert compile_pattern(LLAMA3_FAST_PATTERN).findall(s) == pretokenize(s)
-    if s.isascii(): assert _ASCII_RE.findall(s) == pretokenize(s)
+@given(st.one_of(text_strategy, contraction_strategy, bmp_strategy))
+def test_array_pretokenizer_splits_like_pretokenize(s):
+    "The pattern as array operations over character classes gives `pretokenize`'s pieces for any text within the BMP."
+    if is_bmp(s): assert split_pretokens(s) == pretokenize(s)
+    else: assert any(ord(c) > 0xFFFF for c in s)
+
+
+def test_token_table_is_the_vocabulary(tok):
+    "Every token of at most 15 bytes is found by its key, and byte strings that are not tokens are not."
+    table = tok.engine.table
+    toks = [b for b in tok.mergeable_ranks if len(b) <= 15]
+    rng = random.Random(0)
+    others = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 15))) for _ in range(20_000)]
+    others = [b for b in others if b not in tok.mergeable_ranks] + [b"\x00" * k for k in range(2, 16)]
+    for group, want in [(toks, [tok.mergeable_ranks[b] for b in toks]), (others, [-1] * len(others))]:
+        k = [_key(b) for b in group]
+        got = table.lookup(np.array([a for a, _ in k], np.int64), np.array([b for _, b in k], np.int64))
+        assert got.tolist() == want
 
 
 def test_lone_surrogates_like_tiktoken(tok, meta):
@@ -202,47 +219,52 @@ def test_bpe_heap_equals_simple_and_tiktoken(tok, meta):
 
 
 def test_batch_bpe_equals_tiktoken(tok, meta):
-    "numpy lock-step BPE (packed hash lookups: vectorised probing or the dict; Python hand-off; heap for long pieces) == tiktoken."
-    bb = tok._cache.bpe
+    "numpy lock-step BPE (packed hash lookups: vectorised probing or the dict; Python hand-off; heap for long pieces)."
+    bb = tok.engine.batch
     q = np.concatenate([np.fromiter(bb.table, np.int64)[::7], np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
     a, b = q >> bb.shift, q & ((1 << bb.shift) - 1)
-    want = [bb.table.get(x, _INF) for x in q.tolist()]
-    assert bb._lookup(a, b).tolist() == want and bb._lookup(a[:100], b[:100]).tolist() == want[:100]
+    want = [bb.table.get(x, NOT_A_TOKEN) for x in q.tolist()]
+    assert bb.lookup(a, b).tolist() == want and bb.lookup(a[:100], b[:100]).tolist() == want[:100]
     rng = random.Random(1)
     alphabet = "aab  \n\t.-_0123éü€😀ไกदि"
     for n_pieces in (3, 15, 16, 47, 600):
         pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 160))).encode() for _ in range(n_pieces)]
         pieces += [b"", b"a", b" the", b"x" * 300]                     # empty, one byte, a whole token, a long run
-        assert bb(pieces) == [meta.model._encode_single_piece(p) if p else [] for p in pieces]
+        assert bb(pieces) == [tuple(meta.model._encode_single_piece(p)) if p else () for p in pieces]
     words = list(dict.fromkeys(p.encode() for p in pretokenize((data_dir() / "lang" / "th.txt").read_text()[:60_000])))
-    assert bb(words) == [meta.model._encode_single_piece(w) for w in words]
+    assert bb(words) == [tuple(meta.model._encode_single_piece(w)) for w in words]
     ids = [bb.byte_ids[c] for c in b" unbelievably"]
     assert bpe_merge_ids(ids, bb.table, bb.shift) == meta.model._encode_single_piece(b" unbelievably")
 
 
 def test_batch_bpe_separator_and_merge(tok, meta):
-    "The separator id is never a token (also for a power-of-two vocabulary); `merge(new=True)` gives tuples."
-    bb = tok._cache.bpe
+    "The separator id is never a token (also for a power-of-two vocabulary); `new=True` skips the whole-token check."
+    bb = tok.engine.batch
     assert len(tok.mergeable_ranks) <= bb.sep < 1 << bb.shift
     words = [w for w in dict.fromkeys(p.encode() for p in pretokenize((data_dir() / "lang" / "hi.txt").read_text()[:20_000]))
              if w not in tok.mergeable_ranks and 2 <= len(w) <= bb.max_len]
-    assert len(words) >= 48 and bb.merge(words, new=True) == [tuple(meta.model._encode_single_piece(w)) for w in words]
+    assert len(words) >= 48 and bb(words, new=True) == [tuple(meta.model._encode_single_piece(w)) for w in words]
     ranks = {bytes([i]): i for i in range(256)}                     # 256 tokens: the old shift would make 255 the separator
     small = BatchBPE(ranks)
     assert small.sep >= 256
     pieces = [bytes([i, 255, 255 - i]) for i in range(100)]
-    assert small(pieces) == [list(p) for p in pieces]
+    assert small(pieces) == [tuple(p) for p in pieces]
 
 
 def test_cold_cache_encode_matches_meta(tok, meta):
-    "A fresh piece cache (every pre-token a miss, merged in batches) gives Meta's ids."
+    "A fresh piece cache (every pre-token a miss, merged in batches) and the plain reference give Meta's ids."
     texts = [(data_dir() / "lang" / f"{l}.txt").read_text()[:40_000] for l in LANGS]
-    tok._cache.reset()
-    assert [tok.encode(t) for t in texts] == [meta.encode(t, bos=False, eos=False) for t in texts]
+    tok.engine.reset()
+    ref = [meta.encode(t, bos=False, eos=False) for t in texts]
+    assert [tok.encode(t) for t in texts] == ref
+    plain = Tokenizer.llama3(fast=False)
+    assert plain.engine is None and [plain.encode(t) for t in texts] == ref
+    assert [bpe_encode(t, tok.mergeable_ranks) for t in texts] == ref
 
 
 def test_split_long_runs_matches_meta(meta):
-    assert _WS == __import__("regex").escape("".join(c for c in map(chr, range(0x110000)) if c.isspace()))
+    every_space = "".join(c for c in map(chr, range(0x110000)) if c.isspace())      # the cut classes cover str.isspace
+    assert split_long_runs(every_space * 3, 7) == list(meta._split_whitespaces_or_nonwhitespaces(every_space * 3, 7))
     rng = random.Random(0)
     for _ in range(500):
         s = "".join(rng.choice(["a", " ", "\n", "\u3000", "bc", "\u00a0"]) * rng.randint(1, 12) for _ in range(rng.randint(0, 30)))
