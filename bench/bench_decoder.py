@@ -23,12 +23,16 @@ torch.set_num_threads(2)
 
 
 def cpu_model() -> str:
-    "The CPU's model name (from /proc/cpuinfo on Linux), e.g. 'AMD EPYC 7B13' or 'Intel(R) Xeon(R) Platinum 8481C'."
+    "The CPU's model name, family and model numbers and vector extensions (from /proc/cpuinfo on Linux)."
+    info = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    except OSError: return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}; {', '.join(ext)})"
 
 
 def hf_state_dict(ours: Llama) -> dict:
@@ -153,7 +157,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer tokens/reps (smoke run)")
     ap.add_argument("--train-only", action="store_true", help="only the training benchmark")
     args = ap.parse_args()
-    n_new, reps = (6, 1) if args.quick else (16, 5)
+    n_new, reps = (6, 1) if args.quick else (16, 9)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}")
     rows = []
@@ -180,7 +184,7 @@ def main():
         del ours, hf; gc.collect()
 
     tcfg = LlamaConfig.toy(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
-    r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 12)
+    r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 16)
     rows.append(("train tiny fp32, model.loss (tok/s)", r_fused, "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)"))
     rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits, "the same, ours through logits + F.cross_entropy like transformers"))
 

@@ -95,6 +95,7 @@ def bench_encode():
     # compares each engine's single luckiest round, which may come from different machine states.
     print(f"   >>> COLD ours/Meta = {pair_ratio:.2f}x (median of {n_rep} same-round ratios); best of {n_rep} each: {t_cold / t_meta:.2f}x; "
           f"warm {t_warm / t_meta:.2f}x")
+    print(f"   >>> speed vs Meta (Meta's time / ours, >= 1 means faster): cold {1 / pair_ratio:.2f}x, warm {t_meta / t_warm:.2f}x")
     print(f"   per round (s): Meta {' '.join(f'{x:.3f}' for x in ts['meta'])} | cold {' '.join(f'{x:.3f}' for x in ts['cold'])}"
           f" | warm {' '.join(f'{x:.3f}' for x in ts['warm'])}")
     print(f"{'engine (best of n)':42s} {'seconds':>8s} {'MB/s':>7s} {'vs Meta':>8s}  ids == Meta")
