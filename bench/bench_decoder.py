@@ -3,41 +3,30 @@ weights, 2 threads.
 
 Decode tokens/s with the KV cache (fp32, bf16) at the Llama 3.2 1B shape, the fp32 share of the
 memory-bandwidth roofline (weight bytes per token over the read bandwidth probed before and after each
-timed round), prefill tokens/s for a 512-token prompt, and training tokens/s (forward + backward + AdamW)
-on a tiny config. Ours and transformers run interleaved, round by round; the table gives the best-round
+timed round), prefill tokens/s (a 512-token prompt in fp32, 64 in bf16), and training tokens/s (forward + backward +
+AdamW) on a tiny config. Ours and transformers run interleaved, round by round; the table gives the best-round
 ratio and the median of same-round ratios. Not a test: prints the CPU model, a table with ratios, and the kernels the
 speed layer chose on this machine.
 
     .venv/bin/python bench/bench_decoder.py [--quick] [--train-only]
 """
-import argparse, copy, gc, platform, sys, time
+import argparse, copy, gc, sys, time
 
 import torch
 import torch.nn.functional as F
 import transformers
 
 from llama32_nb.decoder import Llama, LlamaConfig, hf_name
+from llama32_nb.core import cpu_model
 from llama32_nb.kernels import kernel_report
 
 torch.set_num_threads(2)
 
 
-def cpu_model() -> str:
-    "The CPU's model name, family and model numbers and vector extensions (from /proc/cpuinfo on Linux)."
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            k, _, v = line.partition(":")
-            info.setdefault(k.strip(), v.strip())
-    except OSError: return platform.processor() or platform.machine()
-    flags = set(info.get("flags", "").split())
-    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}; {', '.join(ext)})"
-
-
 def hf_state_dict(ours: Llama) -> dict:
     "Our weights under transformers' names (no output matrix when tied)."
-    return {hf_name(k): v for k, v in ours.state_dict().items() if not (ours.cfg.tie_embeddings and k == "lm_head.weight")}
+    return {hf_name(k): v for k, v in ours.state_dict().items()
+            if not (ours.cfg.tie_embeddings and k == "lm_head.weight")}
 
 
 def hf_config(c: LlamaConfig) -> transformers.LlamaConfig:
@@ -80,16 +69,18 @@ def bandwidth(gb=1.0, reps=3) -> float:
     return BW_READINGS[-1]
 
 
-def median(xs): xs = sorted(xs); return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+def median(xs):
+    xs = sorted(xs); return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 @torch.inference_mode()
-def decode_tps(ours, hf, n_new, reps, weight_bytes, prompt_len=8):
+def decode_tps(ours, hf, n_new, reps, weight_bytes, prompt_len=8, ref_logits=None):
     """Greedy generate tokens/s with the KV cache (n_new tokens after a short prompt), ours and HF interleaved.
     Each of our rounds sits between two bandwidth probes; its roofline share = its bytes/s over the higher probe."""
     prompt = torch.randint(0, ours.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     def ours_gen(n): return ours.generate(prompt[0], n, stop_tokens=())
-    def hf_gen(n): return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    def hf_gen(n): return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)
     ours_gen(2); hf_gen(2)
     t, shares = {"ours": [], "hf": []}, []
     for _ in range(reps):   # interleaved, so background load hits both alike
@@ -101,11 +92,16 @@ def decode_tps(ours, hf, n_new, reps, weight_bytes, prompt_len=8):
     res["median_ratio"] = median([h / o for o, h in zip(t["ours"], t["hf"])])
     res["shares"] = shares
     a, b = ours_gen(n_new), hf_gen(n_new)[0, prompt_len:].tolist()
-    res["agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))   # tokens equal before the first difference
+    # tokens equal before the first difference
+    res["agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     res["same_tokens"] = res["agree"] == len(a) == len(b)
     lo, lh = ours(prompt)[0, -1].float(), hf(prompt).logits[0, -1].float()
     res["logit_err"] = ((lo - lh).abs().max() / lh.abs().max()).item()
     res["same_argmax"] = lo.argmax().item() == lh.argmax().item()
+    res["logits"] = lo
+    if ref_logits is not None:   # e.g. the fp32 model's: which of the two bf16 models is closer to it?
+        res["err_ours"], res["err_hf"] = [((l - ref_logits).abs().max() / ref_logits.abs().max()).item()
+                                          for l in (lo, lh)]
     return res
 
 
@@ -119,13 +115,15 @@ def prefill_tps(ours, hf, T, reps):
     for _ in range(reps):   # interleaved
         for name, fn in (("ours", o), ("hf", h)):
             t0 = time.perf_counter(); fn(); t[name].append(time.perf_counter() - t0)
-    return {"ours": T / min(t["ours"]), "hf": T / min(t["hf"]), "median_ratio": median([h / o for o, h in zip(t["ours"], t["hf"])])}
+    return {"ours": T / min(t["ours"]), "hf": T / min(t["hf"]),
+            "median_ratio": median([h / o for o, h in zip(t["ours"], t["hf"])])}
 
 
 def train_tps(cfg, B, T, steps, reps):
     """Training tokens/s (forward, backward, AdamW step) on independent copies of the same weights, interleaved round
     by round: transformers (logits, then F.cross_entropy, which is what its `labels=` loss computes), ours the same
-    way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over ours."""
+    way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over
+    ours."""
     ours, _ = build_pair(cfg)   # build_pair's transformers model shares our tensors; each optimizer needs its own copy
     ours_fused = copy.deepcopy(ours)
     hf = transformers.LlamaForCausalLM(hf_config(cfg))
@@ -149,7 +147,8 @@ def train_tps(cfg, B, T, steps, reps):
             for _ in range(steps): steps_fn[name]()
             t[name].append(time.perf_counter() - t0)
     tps = {k: B * T * steps / min(v) for k, v in t.items()}
-    return [{"ours": tps[k], "hf": tps["hf"], "median_ratio": median([h / o for o, h in zip(t[k], t["hf"])])} for k in ("ours", "fused")]
+    return [{"ours": tps[k], "hf": tps["hf"], "median_ratio": median([h / o for o, h in zip(t[k], t["hf"])])}
+            for k in ("ours", "fused")]
 
 
 def main():
@@ -164,36 +163,48 @@ def main():
 
     if not args.train_only:
         cfg = LlamaConfig.llama32_1b()
-        t = time.time(); ours, hf = build_pair(cfg, torch.float32); print(f"built 1B pair (shared fp32 weights) in {time.time() - t:.1f}s")
-        weight_bytes = ours.num_params() * 4   # every weight is read once per decoded token (tied embedding = output matrix)
-        r = decode_tps(ours, hf, n_new, reps, weight_bytes)
+        t = time.time(); ours, hf = build_pair(cfg, torch.float32)
+        print(f"built 1B pair (shared fp32 weights) in {time.time() - t:.1f}s")
+        # every weight is read once per decoded token (tied embedding = output matrix)
+        weight_bytes = ours.num_params() * 4
+        r = r32 = decode_tps(ours, hf, n_new, reps, weight_bytes)
         sh = r["shares"]
         rows.append(("decode 1B fp32 (tok/s)", r, f"same tokens: {r['same_tokens']}; roofline share per round "
                      f"(bandwidth probed before and after it): median {median(sh):.0%}, min {min(sh):.0%}"))
         bw_max = max(BW_READINGS)
         rows.append(("", None, f"  vs the highest probe of the run ({bw_max / 1e9:.1f} GB/s): best round "
-                     f"{r['ours'] * weight_bytes / bw_max:.0%}; readings {min(BW_READINGS) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
+                     f"{r['ours'] * weight_bytes / bw_max:.0%}; readings "
+                     f"{min(BW_READINGS) / 1e9:.1f}-{bw_max / 1e9:.1f} GB/s"))
         r = prefill_tps(ours, hf, 512, 1 if args.quick else 3)
         rows.append(("prefill 1B fp32, 512 tok (tok/s)", r, ""))
         ours, hf = ours.to(torch.bfloat16), hf.to(torch.bfloat16)
         hf.model.rotary_emb.inv_freq = ours.inv_freq("cpu").clone()   # keep HF's RoPE buffer fp32, like ours
         gc.collect()
-        r = decode_tps(ours, hf, n_new, reps, ours.num_params() * 2)
-        rows.append(("decode 1B bf16 (tok/s)", r, f"first-step logits: max|diff|/max|logit| {r['logit_err']:.1e}, same argmax "
-                     f"{r['same_argmax']}; greedy tokens equal for {r['agree']}/{n_new}; median roofline share {median(r['shares']):.0%}"))
+        r = decode_tps(ours, hf, n_new, reps, ours.num_params() * 2, ref_logits=r32["logits"])
+        rows.append(("decode 1B bf16 (tok/s)", r, f"first-step logits vs the fp32 model's, max|diff|/max|logit|: ours "
+                     f"{r['err_ours']:.1e}, transformers {r['err_hf']:.1e}; "
+                     f"same argmax as transformers {r['same_argmax']}; "
+                     f"median roofline share {median(r['shares']):.0%}"))
+        rows.append(("", None, f"  greedy tokens equal to transformers' for {r['agree']}/{n_new} (random weights: "
+                     f"near-tied logits, so a rounding difference can change a token)"))
+        r = prefill_tps(ours, hf, 64, 1 if args.quick else 3)
+        rows.append(("prefill 1B bf16, 64 tok (tok/s)", r, ""))
         del ours, hf; gc.collect()
 
     tcfg = LlamaConfig.toy(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
     r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 16)
-    rows.append(("train tiny fp32, model.loss (tok/s)", r_fused, "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)"))
-    rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits, "the same, ours through logits + F.cross_entropy like transformers"))
+    rows.append(("train tiny fp32, model.loss (tok/s)", r_fused,
+                 "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)"))
+    rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits,
+                 "the same, ours through logits + F.cross_entropy like transformers"))
 
     print(f"\n{'benchmark':36}{'ours':>9}{'transformers':>13}{'best/best':>10}{'median':>8}  notes")
     print(f"{'':36}{'':>9}{'':>13}{'':>10}{'ratio':>8}")
     for name, r, note in rows:
         if r is None: print(f"{'':76}  {note}"); continue
         print(f"{name:36}{r['ours']:9.2f}{r['hf']:13.2f}{r['ours'] / r['hf']:9.2f}x{r['median_ratio']:7.2f}x  {note}")
-    print("(best/best: best round of ours over best round of transformers; median: median over rounds of the same-round ratio)")
+    print("(best/best: best round of ours over best round of transformers; "
+          "median: median over rounds of the same-round ratio)")
     print(f"\nkernels the speed layer chose on this CPU ({cpu_model()}), by kind of product:")
     for r in kernel_report():
         ms = ", ".join(f"{k} {v:.3g}" for k, v in r["ms"].items())

@@ -261,7 +261,8 @@ class TokenTable:
         vals = np.array([r for _, r in items], np.int64)
         bits = max(2 * len(items), 2).bit_length()                        # load <= 1/2
         self.mask, self.shift = (1 << bits) - 1, 64 - bits
-        self.k1, self.k2, self.ids = np.zeros(1 << bits, np.int64), np.zeros(1 << bits, np.int64), np.full(1 << bits, -1)
+        size = 1 << bits
+        self.k1, self.k2, self.ids = np.zeros(size, np.int64), np.zeros(size, np.int64), np.full(size, -1)
         slot, todo = self._slot(k1, k2), np.arange(len(items))
         while len(todo):                                                  # each free slot to the first key wanting it
             s = slot[todo]; free = self.ids[s] < 0
@@ -285,7 +286,7 @@ class TokenTable:
         return out
 
 def piece_keys(u8: bytes, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "`(k1, k2, n_bytes)` of the pieces `u8[starts[i]:starts[i + 1]]` (the last to the end): keys of their first 15 bytes."
+    "`(k1, k2, n_bytes)` of the pieces `u8[starts[i]:starts[i + 1]]` (the last to the end), keyed on 15 bytes."
     buf = np.frombuffer(u8 + bytes(16), np.uint8)
     windows = np.ndarray((len(u8) + 8,), "<i8", buf, 0, (1,))           # the 8 bytes at every offset
     n = np.diff(np.append(starts, len(u8)))

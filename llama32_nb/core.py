@@ -5,13 +5,14 @@ checks."""
 
 # %% ../nbs/00_core.ipynb #bbc86042
 from __future__ import annotations
-import math, os, random
+import math, os, platform, random
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['is_int', 'check_int', 'check_number', 'check_index_tensor', 'set_seed', 'default_device', 'set_threads', 'data_dir']
+__all__ = ['is_int', 'check_int', 'check_number', 'check_index_tensor', 'set_seed', 'default_device', 'set_threads', 'cpu_model',
+           'data_dir']
 
 # %% ../nbs/00_core.ipynb #2d8fc916
 def is_int(v) -> bool:
@@ -66,6 +67,21 @@ def set_threads(n: int | None = None) -> int:
     if n is None: n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(check_int(n, "the number of threads"))
     return n
+
+# %% ../nbs/00_core.ipynb #5b7d2c90
+def cpu_model() -> str:
+    "The CPU's model name, family and model numbers and vector extensions (from `/proc/cpuinfo` on Linux)."
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
+    except OSError: return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}; {', '.join(ext) or 'no AVX2'})")
 
 # %% ../nbs/00_core.ipynb #9d2aafca
 def data_dir() -> Path:

@@ -6,7 +6,7 @@ plainly and gets all of this by default."""
 
 # %% ../nbs/06_kernels.ipynb #6e349229
 from __future__ import annotations
-import math, platform, time
+import math, time
 from typing import Callable
 import torch
 import torch.nn as nn
@@ -31,10 +31,23 @@ def _row_blocks(k: int):
     kernel.fits = lambda x2, w: x2.shape[0] == 1 and w.shape[0] % k == 0
     return kernel
 
+def _fp32_blocks(inner: Callable):
+    def kernel(x2, w):
+        o, i = w.shape
+        step = max(1, (1 << 20) // i)                                 # rows of about 4 MB in fp32
+        xf, y, buf = x2.float(), torch.empty(x2.shape[0], o), torch.empty(min(step, o), i)
+        for r in range(0, o, step):
+            wb = buf[:min(step, o - r)]
+            y[:, r:r + step] = inner(xf, wb.copy_(w[r:r + step]))
+        return y.to(w.dtype)
+    kernel.fits = lambda x2, w: x2.shape[0] > 1 and w.dtype in (torch.bfloat16, torch.float16)
+    return kernel
+
 _plain.fits = _onednn.fits = lambda x2, w: True
 _mv.fits = _two_rows.fits = lambda x2, w: x2.shape[0] == 1
 KERNELS: dict[str, Callable] = {"F.linear": _plain, "onednn": _onednn, "bmm x2": _row_blocks(2),
-                                "bmm x4": _row_blocks(4), "bmm x8": _row_blocks(8), "mv": _mv, "two rows": _two_rows}
+                                "bmm x4": _row_blocks(4), "bmm x8": _row_blocks(8), "mv": _mv, "two rows": _two_rows,
+                                "fp32 blocks": _fp32_blocks(_plain), "fp32 blocks onednn": _fp32_blocks(_onednn)}
 
 # %% ../nbs/06_kernels.ipynb #23eff9d6
 def time_kernels(fns: dict[str, Callable], budget: float = 0.05, max_reps: int = 7,
@@ -63,14 +76,17 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _rows(n: int) -> int: return 1 if n == 1 else min(1 << (n - 1).bit_length(), 4096)
 
 @torch.no_grad()
+def _works(k: Callable, x2: torch.Tensor, w: torch.Tensor, ref: torch.Tensor | None = None) -> bool:
+    "Whether kernel `k` fits this product, runs on this build and CPU, and agrees with `F.linear` here."
+    if not k.fits(x2, w): return False
+    try: return _agree(k(x2, w), F.linear(x2, w) if ref is None else ref)
+    except RuntimeError: return False                         # not supported by this build / CPU / dtype
+
+@torch.no_grad()
 def _choose_inference(x2: torch.Tensor, w: torch.Tensor) -> dict:
-    ref, fns = F.linear(x2, w), {}
-    for name, k in KERNELS.items():
-        if not k.fits(x2, w): continue
-        try:
-            if name == "F.linear" or _agree(k(x2, w), ref): fns[name] = lambda k=k: k(x2, w)
-        except RuntimeError: pass                              # not supported by this build / CPU / dtype
-    times = time_kernels(fns)
+    ref = F.linear(x2, w)
+    times = time_kernels({name: (lambda k=k: k(x2, w)) for name, k in KERNELS.items()
+                          if name == "F.linear" or _works(k, x2, w, ref)})
     return dict(choice=pick(times), times=times)
 
 @torch.no_grad()

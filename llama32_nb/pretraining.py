@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import save_file, load_file, save_model, load_model
 from tqdm.auto import tqdm
-from .core import check_int, check_number, is_int, set_seed, default_device, data_dir
+from .core import check_int, check_number, set_seed, default_device, data_dir
 from .tokenizer import Tokenizer
 from .decoder import Llama, LlamaConfig
 

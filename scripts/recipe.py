@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
-from llama32_nb.core import data_dir, set_seed, set_threads
+from llama32_nb.core import cpu_model, data_dir, set_seed, set_threads
 
 
 class Run:
@@ -36,7 +36,8 @@ class Run:
         return f"![{caption}]({name})\n\n*{caption}*\n"
 
     def write(self):
-        head = (f"# llama32-nb recipe report\n\nRun folder `{self.out}`, written {datetime.now():%Y-%m-%d %H:%M}.\n\n")
+        head = (f"# llama32-nb recipe report\n\nRun folder `{self.out}`, written {datetime.now():%Y-%m-%d %H:%M} "
+                f"on {cpu_model()}.\n\n")
         (self.out / "report.md").write_text(head + "\n".join(self.sections))
         (self.out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
 
@@ -57,7 +58,8 @@ def stage_tokenizer(run: Run):
     from llama32_nb.tokenizer import Tokenizer
     d = data_dir()
     corpus = (d / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    langs = {l: (d / "lang" / f"{l}.txt").read_text(encoding="utf-8") for l in LANGS if (d / "lang" / f"{l}.txt").exists()}
+    langs = {l: (d / "lang" / f"{l}.txt").read_text(encoding="utf-8") for l in LANGS
+             if (d / "lang" / f"{l}.txt").exists()}
     bar = tqdm(total=4, desc="tokenizer", unit="step")
     t0 = time.time()
     tok = Tokenizer.train([corpus], TOK_VOCAB)
@@ -70,10 +72,12 @@ def stage_tokenizer(run: Run):
     llama3 = Tokenizer.llama3(); bar.update()
     bpt = lambda t, s: len(s.encode("utf-8")) / max(1, len(t.encode(s)))
     texts = {"shakespeare (val 10%)": corpus[int(len(corpus) * 0.9):], **langs}
-    rows = [[name, round(bpt(tok, s), 3), round(bpt(multi, s), 3), round(bpt(llama3, s), 3)] for name, s in texts.items()]
+    rows = [[name, round(bpt(tok, s), 3), round(bpt(multi, s), 3), round(bpt(llama3, s), 3)]
+            for name, s in texts.items()]
     bar.update(); bar.close()
     run.metrics["tokenizer"] = dict(vocab_size=TOK_VOCAB, train_seconds=round(train_s, 2),
-                                    bytes_per_token={r[0]: dict(ours=r[1], ours_multilingual=r[2], llama3=r[3]) for r in rows})
+                                    bytes_per_token={r[0]: dict(ours=r[1], ours_multilingual=r[2], llama3=r[3])
+                                                     for r in rows})
     fig, ax = plt.subplots(figsize=(8, 3.5))
     xs = range(len(rows)); w = 0.27
     ax.bar([x - w for x in xs], [r[1] for r in rows], w, label=f"ours, Shakespeare, {TOK_VOCAB}")
@@ -99,12 +103,14 @@ SAMPLE_PROMPTS = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo!", "First Citizen:\n", "K
 def _load_run_tokenizer(run: Run):
     from llama32_nb.tokenizer import Tokenizer
     p = run.out / "tokenizer"
-    if not p.is_file(): raise SystemExit(f"{p} is missing: run the tokenizer stage first (--stages tokenizer,pretraining,...)")
+    if not p.is_file():
+        raise SystemExit(f"{p} is missing: run the tokenizer stage first (--stages tokenizer,pretraining,...)")
     return Tokenizer.load(p)
 
 
 def stage_pretraining(run: Run):
-    "Pretrain the tiny Llama on tiny Shakespeare with the tokenizer stage's vocabulary; loss curves, perplexity, throughput."
+    """Pretrain the tiny Llama on tiny Shakespeare with the tokenizer stage's vocabulary; loss curves, perplexity,
+    throughput."""
     import shutil
     import torch
     from llama32_nb.pretraining import (pretrain_tiny_llama, plot_history, load_artifacts, save_artifacts, evaluate,
@@ -127,23 +133,27 @@ def stage_pretraining(run: Run):
     h = tr.history
     fig = plot_history(h, title=f"tiny Llama ({f['params'] / 1e6:.1f} M parameters) on tiny Shakespeare")
     c = f["train_config"]
-    rows = [["parameters", f"{f['params']:,}"], ["training tokens", f"{f['train_tokens']:,} ({f['epochs']} epochs of {f['train_blocks']} blocks)"],
+    rows = [["parameters", f"{f['params']:,}"],
+            ["training tokens", f"{f['train_tokens']:,} ({f['epochs']} epochs of {f['train_blocks']} blocks)"],
             ["steps x tokens/step", f"{f['steps']} x {c['batch_size'] * c['grad_accum'] * f['block_size']:,}"],
             ["peak / final lr", f"{c['lr']:g} / {c['min_lr']:g} (warmup {c['warmup_steps']}, cosine)"],
             ["train loss (mean of last 20 steps)", round(f["final_train_loss"], 3)],
             ["validation loss (all held-out blocks)", round(f["final_val_loss"], 3)],
             ["validation perplexity", round(f["val_perplexity"], 1)],
             ["validation loss, bf16-rounded weights", round(f["final_val_loss_bf16_weights"], 3)],
-            ["throughput", f"{f['tokens_per_second']:,} tokens/s on {f['device']} ({f['train_seconds']:.0f} s of training steps)"]]
+            ["throughput", f"{f['tokens_per_second']:,} tokens/s on {f['device']} ({cpu_model()}) "
+                           f"({f['train_seconds']:.0f} s of training steps)"]]
     run.section("Pretraining", f"""
 A {f['params']:,}-parameter Llama (width 256, 4 layers, 8 query / 2 key-value heads, SwiGLU 768, tied embeddings,
 256-token context) trained from scratch on the first 90% of tiny Shakespeare, tokenized with the tokenizer stage's
 vocabulary and packed into {f['block_size']}+1-token blocks; the last 10% ({f['val_blocks']} blocks) is held out.
-AdamW (0.9, 0.95, weight decay {c['weight_decay']}), gradient clipping at {c['grad_clip']}, linear warmup + cosine decay.
+AdamW (0.9, 0.95, weight decay {c['weight_decay']}), gradient clipping at {c['grad_clip']}, linear warmup + \
+cosine decay.
 Model and tokenizer (Hugging Face layout) are in `tiny-llama/`; the resumable checkpoint is in `checkpoint/`.
 
 {md_table(["", "value"], rows)}
-{run.figure(fig, "pretraining_loss.png", "Training loss per step (faint) and its moving average; validation loss on the held-out tail.")}
+{run.figure(fig, "pretraining_loss.png",
+            "Training loss per step (faint) and its moving average; validation loss on the held-out tail.")}
 """)
     return tr
 
@@ -173,7 +183,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/<timestamp>)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
-    ap.add_argument("--ship", action="store_true", help="also overwrite the repository's shipped artifacts/ with this run's")
+    ap.add_argument("--ship", action="store_true",
+                    help="also overwrite the repository's shipped artifacts/ with this run's")
     args = ap.parse_args(argv)
     names = [s for s in args.stages.split(",") if s]
     if bad := [s for s in names if s not in STAGES]: ap.error(f"unknown stage(s) {bad}; known: {list(STAGES)}")

@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 from llama32_nb.decoder import Llama, LlamaConfig, ffn_size, hf_name, meta_name, rope_bands, unpermute_qk
 
 torch.set_num_threads(2)
-SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=64)
 
 # name: (hidden, heads, kv_heads, head_dim, ffn, tied, max_shard_size)
 CASES = {
@@ -21,9 +22,10 @@ CASES = {
 
 
 def hf_config(hidden, heads, kv, hd, ffn, tied, vocab=320, layers=2, scaling=SCALING):
-    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                                    head_dim=hd, intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=256,
-                                    rope_theta=10000.0, rope_scaling=dict(scaling) if scaling else None, rms_norm_eps=1e-5,
+    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv, head_dim=hd, intermediate_size=ffn, vocab_size=vocab,
+                                    max_position_embeddings=256, rope_theta=10000.0,
+                                    rope_scaling=dict(scaling) if scaling else None, rms_norm_eps=1e-5,
                                     tie_word_embeddings=tied, initializer_range=0.1)
 
 
@@ -53,7 +55,8 @@ def test_logits_match_transformers(pair):
     if CASES[case][6]: assert (d / "model.safetensors.index.json").is_file()
     assert ours.cfg.tie_embeddings == CASES[case][5] and ours.dtype == torch.float32
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == CASES[case][5]
-    toks = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(1))  # positions beyond original_max_position_embeddings=64
+    # positions beyond original_max_position_embeddings=64
+    toks = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(): ref = hf(toks).logits
     out = ours(toks)                                   # gradients enabled: the training kernels
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -96,7 +99,8 @@ def test_cached_forward_and_generation(pair):
     with_cache = ours.generate(prompt[0], n, stop_tokens=())
     assert with_cache == ours.generate(prompt[0].tolist(), n, stop_tokens=(), use_cache=False)
     with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
     assert with_cache == ref[0, 12:].tolist()
     assert list(ours.stream(prompt[0], n, stop_tokens=())) == with_cache
 
@@ -121,7 +125,8 @@ def write_meta(ours: Llama, d, multiple_of, tie_output=True):
         if "q_proj" in k: v = unpermute_qk(v, c.n_heads)
         elif "k_proj" in k: v = unpermute_qk(v, c.n_kv_heads)
         sd[meta_name(k)] = v.clone()
-    if tie_output and c.tie_embeddings: sd["output.weight"] = sd["tok_embeddings.weight"].clone()  # Meta always stores it
+    if tie_output and c.tie_embeddings:  # Meta always stores it
+        sd["output.weight"] = sd["tok_embeddings.weight"].clone()
     d.mkdir(parents=True)
     torch.save(sd, d / "consolidated.00.pth")
     params = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
@@ -158,8 +163,8 @@ def test_bf16_close_to_transformers(tmp_path):
 
 def test_meta_real_shapes_config():
     # the 1B params.json as Meta ships it
-    p = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5, multiple_of=256,
-             norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True)
+    p = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+             multiple_of=256, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True)
     c = LlamaConfig.from_meta_params(**p, max_seq_len=131072, tie_embeddings=True)
     assert c == LlamaConfig.llama32_1b()
     h = c.to_hf_dict()
@@ -185,4 +190,5 @@ def test_state_dict_names_are_hf_names():
     m = Llama(LlamaConfig.toy(n_layers=1, tie_embeddings=False))
     hf = transformers.LlamaForCausalLM(hf_config(64, 4, 2, 16, m.cfg.ffn_dim, False, vocab=256, layers=1))
     assert {hf_name(k) for k in m.state_dict()} == set(hf.state_dict())
-    assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"} <= set(m.state_dict())
+    assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight",
+            "layers.0.mlp.up_proj.weight"} <= set(m.state_dict())

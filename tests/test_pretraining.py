@@ -4,8 +4,9 @@ import pytest
 import torch
 from llama32_nb.core import set_seed
 from llama32_nb.decoder import Llama, LlamaConfig
-from llama32_nb.pretraining import (split_text, tokenize_texts, pack_blocks, split_blocks, BlockLoader, lm_loss, batch_loss, evaluate,
-                                    make_optimizer, lr_at, TrainConfig, Trainer, tiny_llama_config, tiny_train_config)
+from llama32_nb.pretraining import (split_text, tokenize_texts, pack_blocks, split_blocks, BlockLoader, lm_loss,
+                                    batch_loss, evaluate, make_optimizer, lr_at, TrainConfig, Trainer,
+                                    tiny_llama_config, tiny_train_config)
 
 torch.set_num_threads(2)
 V = 64
@@ -172,7 +173,8 @@ def test_checkpoint_resume_reproduces_losses_exactly(blocks, tmp_path):
     set_seed(7); ref = Trainer(Llama(model_cfg()), cfg, tr, va, device="cpu"); ref.fit(progress=False)
     set_seed(7); a = Trainer(Llama(model_cfg()), cfg, tr, va, device="cpu")
     a.fit(until=5, progress=False, ckpt_dir=tmp_path / "ckpt")              # "interrupted" after step 5
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "trainer.json", "trainer.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "trainer.json",
+                                                                      "trainer.safetensors"]
     set_seed(99)                                                            # a different process state
     b = Trainer.resume(tmp_path / "ckpt", Llama(model_cfg()), tr, va, device="cpu")
     assert b.step == 5 and b.cfg == cfg
@@ -189,7 +191,8 @@ def test_checkpoint_periodic_and_errors(blocks, tmp_path):
     t.fit(progress=False, ckpt_dir=tmp_path / "c", ckpt_every=2)
     assert not (tmp_path / "c.tmp").exists()
     with pytest.raises(ValueError, match="different TrainConfig"):
-        Trainer(Llama(model_cfg()), TrainConfig(max_steps=7, batch_size=4, warmup_steps=1), tr, va).load_checkpoint(tmp_path / "c")
+        Trainer(Llama(model_cfg()), TrainConfig(max_steps=7, batch_size=4, warmup_steps=1),
+                tr, va).load_checkpoint(tmp_path / "c")
     with pytest.raises(FileNotFoundError): Trainer.resume(tmp_path / "nope", Llama(model_cfg()), tr, va)
     (tmp_path / "c" / "trainer.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
@@ -200,13 +203,15 @@ def test_trainer_rejects_bad_inputs(blocks):
     tr, va = blocks
     with pytest.raises(ValueError, match="max_seq_len"): Trainer(Llama(model_cfg(max_seq_len=8)), TrainConfig(), tr, va)
     with pytest.raises(TypeError): Trainer(Llama(model_cfg()), dict(max_steps=3), tr, va)
-    with pytest.raises(ValueError, match="larger than"): Trainer(Llama(model_cfg()), TrainConfig(batch_size=10_000), tr, va)
+    with pytest.raises(ValueError, match="larger than"):
+        Trainer(Llama(model_cfg()), TrainConfig(batch_size=10_000), tr, va)
     with pytest.raises(ValueError, match="val_blocks"): Trainer(Llama(model_cfg()), TrainConfig(), tr, va[:, :5])
 
 
 def test_bf16_autocast_step_and_evaluate(blocks):
     tr, va = blocks
-    t = Trainer(Llama(model_cfg()), TrainConfig(max_steps=2, batch_size=4, warmup_steps=1, bf16=True, eval_batches=1), tr, va, device="cpu")
+    t = Trainer(Llama(model_cfg()), TrainConfig(max_steps=2, batch_size=4, warmup_steps=1, bf16=True, eval_batches=1),
+                tr, va, device="cpu")
     t.fit(progress=False)
     assert all(math.isfinite(l) for l in t.history["loss"]) and next(t.model.parameters()).dtype == torch.float32
     v32, v16 = evaluate(t.model, va[:8], 4), evaluate(t.model, va[:8], 4, bf16=True)
@@ -238,7 +243,8 @@ except Exception: pass
 
 
 @needs_hf
-@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(), reason="artifacts/tiny-llama not shipped")
+@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(),
+                    reason="artifacts/tiny-llama not shipped")
 def test_shipped_tiny_llama_is_small_and_trained():
     from llama32_nb.pretraining import load_artifacts, corpus_blocks
     assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 10_500_000
@@ -249,7 +255,8 @@ def test_shipped_tiny_llama_is_small_and_trained():
 
 
 @needs_hf
-@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(), reason="artifacts/tiny-llama not shipped")
+@pytest.mark.skipif(SHIPPED is None or not (SHIPPED / "config.json").is_file(),
+                    reason="artifacts/tiny-llama not shipped")
 def test_shipped_tiny_llama_loads_in_transformers():
     transformers = pytest.importorskip("transformers")
     from llama32_nb.pretraining import load_artifacts

@@ -9,9 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from llama32_nb.core import data_dir
 from llama32_nb.bpe import (LLAMA3_PATTERN, bpe_encode, bpe_merge_simple, bpe_merge_heap, train_bpe, pretokenize,
-    read_tiktoken_bpe, write_tiktoken_bpe, llama3_model_path, compile_pattern)
-from llama32_nb.batch_bpe import (ArrayBPE, BatchBPE, TokenTable, bpe_merge_ids, NOT_A_TOKEN, is_bmp, split_pretokens,
-    _key)
+    read_tiktoken_bpe, write_tiktoken_bpe, llama3_model_path)
+from llama32_nb.batch_bpe import BatchBPE, bpe_merge_ids, NOT_A_TOKEN, is_bmp, split_pretokens, _key
 from llama32_nb.tokenizer import (Tokenizer, LLAMA3_SPECIAL_TOKENS, LLAMA3_NAMED_SPECIAL_TOKENS, split_long_runs,
     encode_segments, token_spans, render_tokens_html, MAX_RUN_CHARS)
 
@@ -43,7 +42,8 @@ def stdlib_sources(max_bytes: int) -> list[str]:
 def synthetic_texts() -> list[str]:
     rng = random.Random(1234)
     emoji = "😀👍🏽👨‍👩‍👧‍👦🇫🇷🧑🏿‍🚀❤️‍🔥✨🫠"
-    combining = "e\u0301a\u0308o\u0302\u0323n\u0303 Z\u0335\u0337\u0316a\u0352\u034a\u0344l\u0334g\u0315o\u0489 ก\u0e34\u0e49 क\u094d\u0937"
+    combining = ("e\u0301a\u0308o\u0302\u0323n\u0303 Z\u0335\u0337\u0316a\u0352\u034a\u0344l\u0334g\u0315o\u0489 "
+                 "ก\u0e34\u0e49 क\u094d\u0937")
     pool = list(emoji) + list(combining) + list("abc XYZ 0123456789 \t\n\r  .,;!?'\"()[]{}<>|_-=+*/\\€ßçñ¿¡") + \
         ["'s", "'LL", "'Re", "\u00a0", "\u3000", "\u2028", "\u0085", "\x0b", "\x1c", "１２３", "٣٤٥", "Ⅻ", "½"]
     texts = [emoji * 50, combining * 50,
@@ -51,7 +51,8 @@ def synthetic_texts() -> list[str]:
     # long runs around Meta's 25k limit, digits, whitespace of several kinds
     texts += ["a" * 30_000, "7" * 25_001 + " x", " " * 25_000 + "y", "\n" * 60_000, "\u3000" * 26_000 + "q" * 3,
               "1234567890" * 7_000, "x" + " \t" * 20_000 + "\u2003" * 12_000 + "y" * 24_999 + "z" * 2,
-              "".join(rng.choice(["a" * rng.randint(1, 40_000), " " * rng.randint(1, 30_000), "b c"]) for _ in range(30))]
+              "".join(rng.choice(["a" * rng.randint(1, 40_000), " " * rng.randint(1, 30_000), "b c"])
+                      for _ in range(30))]
     # more than 400k characters: window cuts inside words
     texts.append(("Hello world's 12345 abc\n\n  def  !!?\r\n x " * 12_000)[:450_001])
     return texts
@@ -119,7 +120,8 @@ def test_every_code_point_pretokenizes_like_meta(tok, meta):
         block = cps[i:i + 512]
         s = "\n".join(p for c in block for p in probes(c))
         if tok.encode(s) != meta.encode(s, bos=False, eos=False):
-            bad += [hex(c) for c in block if any(tok.encode(p) != meta.encode(p, bos=False, eos=False) for p in probes(c))]
+            bad += [hex(c) for c in block
+                    if any(tok.encode(p) != meta.encode(p, bos=False, eos=False) for p in probes(c))]
     assert not bad, f"{len(bad)} code points pre-tokenize differently from Meta, e.g. {bad[:10]}"
 
 
@@ -131,8 +133,9 @@ def test_ascii_fast_path_parity(s):
     assert Tokenizer.llama3().encode(s) == MetaTokenizer.get_instance().encode(s, bos=False, eos=False)
 
 
-contraction_strategy = st.lists(st.sampled_from(["'", "s", "S", "\u017f", "t", "re", "RE", "ve", "m", "ll", "lL", "d", "D",
-                                                 " ", "  ", "\n", "\r\n", "\t", "\u3000", "\u00a0", "a", "\u00e9", "1", "!"]),
+contraction_strategy = st.lists(st.sampled_from(["'", "s", "S", "\u017f", "t", "re", "RE", "ve", "m", "ll", "lL",
+                                                 "d", "D", " ", "  ", "\n", "\r\n", "\t", "\u3000", "\u00a0", "a",
+                                                 "\u00e9", "1", "!"]),
                                 max_size=40).map("".join)
 
 
@@ -221,7 +224,8 @@ def test_bpe_heap_equals_simple_and_tiktoken(tok, meta):
 def test_batch_bpe_equals_tiktoken(tok, meta):
     "numpy lock-step BPE (packed hash lookups: vectorised probing or the dict; Python hand-off; heap for long pieces)."
     bb = tok.engine.batch
-    q = np.concatenate([np.fromiter(bb.table, np.int64)[::7], np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
+    q = np.concatenate([np.fromiter(bb.table, np.int64)[::7],
+                        np.random.default_rng(1).integers(0, 1 << (2 * bb.shift), 50_000)])
     a, b = q >> bb.shift, q & ((1 << bb.shift) - 1)
     want = [bb.table.get(x, NOT_A_TOKEN) for x in q.tolist()]
     assert bb.lookup(a, b).tolist() == want and bb.lookup(a[:100], b[:100]).tolist() == want[:100]
@@ -241,10 +245,11 @@ def test_batch_bpe_separator_and_merge(tok, meta):
     "The separator id is never a token (also for a power-of-two vocabulary); `new=True` skips the whole-token check."
     bb = tok.engine.batch
     assert len(tok.mergeable_ranks) <= bb.sep < 1 << bb.shift
-    words = [w for w in dict.fromkeys(p.encode() for p in pretokenize((data_dir() / "lang" / "hi.txt").read_text()[:20_000]))
+    words = [w for w in dict.fromkeys(p.encode()
+                                      for p in pretokenize((data_dir() / "lang" / "hi.txt").read_text()[:20_000]))
              if w not in tok.mergeable_ranks and 2 <= len(w) <= bb.max_len]
     assert len(words) >= 48 and bb(words, new=True) == [tuple(meta.model._encode_single_piece(w)) for w in words]
-    ranks = {bytes([i]): i for i in range(256)}                     # 256 tokens: the old shift would make 255 the separator
+    ranks = {bytes([i]): i for i in range(256)}                 # 256 tokens: the old shift would make 255 the separator
     small = BatchBPE(ranks)
     assert small.sep >= 256
     pieces = [bytes([i, 255, 255 - i]) for i in range(100)]
@@ -267,7 +272,8 @@ def test_split_long_runs_matches_meta(meta):
     assert split_long_runs(every_space * 3, 7) == list(meta._split_whitespaces_or_nonwhitespaces(every_space * 3, 7))
     rng = random.Random(0)
     for _ in range(500):
-        s = "".join(rng.choice(["a", " ", "\n", "\u3000", "bc", "\u00a0"]) * rng.randint(1, 12) for _ in range(rng.randint(0, 30)))
+        s = "".join(rng.choice(["a", " ", "\n", "\u3000", "bc", "\u00a0"]) * rng.randint(1, 12)
+                    for _ in range(rng.randint(0, 30)))
         ref = list(meta._split_whitespaces_or_nonwhitespaces(s, 7))
         got = split_long_runs(s, 7)
         assert got == ref or (len(s) <= 7 and got == [s] and ref == [s])
@@ -302,7 +308,8 @@ def naive_merges(counts, n_merges):
 
 def test_incremental_training_equals_naive():
     from collections import Counter
-    text = (data_dir() / "tinyshakespeare.txt").read_text()[:60_000] + (data_dir() / "lang" / "th.txt").read_text()[:20_000]
+    text = ((data_dir() / "tinyshakespeare.txt").read_text()[:60_000]
+            + (data_dir() / "lang" / "th.txt").read_text()[:20_000])
     counts = Counter(pretokenize(text))
     ranks = train_bpe(counts, 150)
     ours = [b for b, r in sorted(ranks.items(), key=lambda kv: kv[1])][256:]
@@ -331,7 +338,8 @@ def test_train_vocab_size_and_specials():
 @pytest.fixture(scope="module")
 def trained():
     d = data_dir()
-    texts = [(d / "tinyshakespeare.txt").read_text()[:300_000]] + [(d / "lang" / f"{l}.txt").read_text()[:30_000] for l in LANGS]
+    texts = [(d / "tinyshakespeare.txt").read_text()[:300_000]] + [(d / "lang" / f"{l}.txt").read_text()[:30_000]
+                                                                   for l in LANGS]
     return Tokenizer.train(texts, 1024)
 
 
@@ -385,7 +393,8 @@ def test_encode_type_errors(tok, bad):
         tok.encode(bad)
 
 
-@pytest.mark.parametrize("ids,match", [([-1], "out of range"), ([128_256], "out of range"), ([1, 2, 10**9], "out of range"),
+@pytest.mark.parametrize("ids,match", [([-1], "out of range"), ([128_256], "out of range"),
+                                       ([1, 2, 10**9], "out of range"),
                                        ([1.5], "ints"), (["a"], "ints"), ([True], "ints"), ([None], "ints"),
                                        ([1, 2.0], "ints")])
 def test_decode_value_errors(tok, ids, match):

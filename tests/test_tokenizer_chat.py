@@ -3,7 +3,8 @@ import io
 
 import pytest
 
-from llama32_nb.tokenizer import Tokenizer, ChatFormat, Message, ToolCall, IMAGE, ImageRef, vision_mask, render_tool_call
+from llama32_nb.tokenizer import (Tokenizer, ChatFormat, Message, ToolCall, IMAGE, ImageRef, vision_mask,
+                                  render_tool_call)
 
 
 def png_bytes() -> bytes:
@@ -18,9 +19,11 @@ def to_meta(m: dict):
                                         StopReason)
     def content(c):
         if isinstance(c, list):
-            return [RawMediaItem(data=png_bytes()) if (x is IMAGE or isinstance(x, ImageRef)) else RawTextItem(text=x) for x in c]
+            return [RawMediaItem(data=png_bytes()) if (x is IMAGE or isinstance(x, ImageRef)) else RawTextItem(text=x)
+                    for x in c]
         return c
-    calls = [MToolCall(call_id=f"c{k}", tool_name=BuiltinTool(c["tool_name"]) if c["tool_name"] in BuiltinTool._value2member_map_
+    calls = [MToolCall(call_id=f"c{k}",
+                       tool_name=BuiltinTool(c["tool_name"]) if c["tool_name"] in BuiltinTool._value2member_map_
                        else c["tool_name"], arguments=c["arguments"]) for k, c in enumerate(m.get("tool_calls", []))]
     stop = StopReason(m["stop_reason"]) if m.get("stop_reason") else None
     return RawMessage(role=m["role"], content=content(m.get("content", "")), tool_calls=calls, stop_reason=stop,
@@ -28,18 +31,22 @@ def to_meta(m: dict):
 
 
 SYSTEM = {"role": "system", "content": "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-                                      "Environment: ipython\nTools: brave_search, wolfram_alpha\n\nYou are a helpful assistant"}
-CUSTOM_SYSTEM = {"role": "system", "content": 'You have access to: [{"name": "get_weather", "parameters": {"city": "str"}}]'}
+                                      "Environment: ipython\nTools: brave_search, wolfram_alpha\n\n"
+                                      "You are a helpful assistant"}
+CUSTOM_SYSTEM = {"role": "system",
+                 "content": 'You have access to: [{"name": "get_weather", "parameters": {"city": "str"}}]'}
 
 DIALOGS = {
-    "simple": [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Who are you?"}],
+    "simple": [{"role": "system", "content": "You are a helpful assistant"},
+               {"role": "user", "content": "Who are you?"}],
     "user_only": [{"role": "user", "content": "Hello <|eot_id|> world <|start_header_id|>"}],
     "empty": [],
     "multi_turn": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
                    {"role": "user", "content": "Tell me a joke.\n\n  With spaces.  "}],
     "builtin_search_eom": [SYSTEM, {"role": "user", "content": "Weather in Menlo Park?"},
                            {"role": "assistant", "content": "", "stop_reason": "end_of_message",
-                            "tool_calls": [{"tool_name": "brave_search", "arguments": {"query": "Menlo Park weather"}}]},
+                            "tool_calls": [{"tool_name": "brave_search",
+                                            "arguments": {"query": "Menlo Park weather"}}]},
                            {"role": "tool", "content": '{"temperature": 21, "sky": "clear"}'},
                            {"role": "assistant", "content": "It is 21°C and clear.", "stop_reason": "end_of_turn"},
                            {"role": "user", "content": "Thanks"}],
@@ -56,8 +63,9 @@ DIALOGS = {
     "custom_tool": [CUSTOM_SYSTEM, {"role": "user", "content": "Weather in Paris and Rome?"},
                     {"role": "assistant", "content": "", "stop_reason": "end_of_turn",
                      "tool_calls": [{"tool_name": "get_weather", "arguments": {"city": "Paris"}},
-                                    {"tool_name": "get_weather", "arguments": {"city": "Rome", "days": 3, "metric": True,
-                                                                               "tags": ["a", 1], "opts": {"x": None}}}]},
+                                    {"tool_name": "get_weather",
+                                     "arguments": {"city": "Rome", "days": 3, "metric": True, "tags": ["a", 1],
+                                                   "opts": {"x": None}}}]},
                     {"role": "tool", "content": "[{\"city\": \"Paris\", \"t\": 18}]"}],
     "content_and_tool": [{"role": "user", "content": "Search"},
                          {"role": "assistant", "content": "Let me look.", "stop_reason": "end_of_message",
@@ -66,7 +74,8 @@ DIALOGS = {
     "image": [{"role": "user", "content": [IMAGE, "Describe this image in two sentences."]}],
     "image_middle_two": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": ["Compare ", IMAGE, IMAGE, " and tell me.", " Second part"]},
-                         {"role": "assistant", "content": "They differ."}, {"role": "user", "content": ["Why?", IMAGE]}],
+                         {"role": "assistant", "content": "They differ."},
+                         {"role": "user", "content": ["Why?", IMAGE]}],
     "list_text": [{"role": "user", "content": ["Hello", " world", "\n\n", "again"]}],
     "unicode": [{"role": "user", "content": "Grüße 😀 नमस्ते สวัสดี 東京"}],
 }
@@ -108,7 +117,8 @@ def test_message_objects_and_ipython_role(both):
     b = ours.encode_message({"role": "assistant", "content": "", "stop_reason": "end_of_message",
                              "tool_calls": [{"tool_name": "brave_search", "arguments": {"query": "q"}}]})
     assert a == b and a[-1] == 128008
-    assert ours.encode_message({"role": "ipython", "content": "1"}) == ours.encode_message({"role": "tool", "content": "1"})
+    assert (ours.encode_message({"role": "ipython", "content": "1"})
+            == ours.encode_message({"role": "tool", "content": "1"}))
     assert ours.encode_message({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}) == \
         ours.encode_message({"role": "user", "content": [IMAGE, "x"]})
 
