@@ -15,7 +15,7 @@ from .core import check_index_tensor, check_int, check_number
 from .generation import GenerationMixin, KVCache
 from .checkpoint import (check_tensors, read_consolidated, read_json, read_safetensors_dir, resolve_dtype,
                                    write_safetensors_dir)
-from .kernels import chunked_cross_entropy, use_fast_kernels
+from .kernels import SDPA, chunked_cross_entropy, use_fast_kernels
 
 # %% auto #0
 __all__ = ['ROPE_SCALING_KEYS', 'ffn_size', 'llama3_scaling', 'check_rope_scaling', 'LlamaConfig', 'RMSNorm', 'rope_frequencies',
@@ -255,6 +255,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.sdpa = SDPA()                                 # softmax(q k^T / sqrt(hd), masked) v, as a module
 
     def qkv(self, x, cos, sin):
         "Projected, rotated q `[B,H,T,hd]` and k, v `[B,Hkv,T,hd]`."
@@ -266,7 +267,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0):
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None: k, v = cache.update(self.layer_idx, k, v, start_pos)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        o = self.sdpa(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
 class FeedForward(nn.Module):
@@ -305,7 +306,7 @@ class Llama(nn.Module, GenerationMixin):
         self._rope_key, self._inv_freq = None, None
         if init and self.embed_tokens.weight.device.type != "meta": self.init_weights()
         self.fast = False
-        if fast: use_fast_kernels(self)                        # the speed layer: FastLinear for every nn.Linear
+        if fast: use_fast_kernels(self)                        # the speed layer: FastLinear, FastSDPA
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

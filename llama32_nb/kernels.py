@@ -15,8 +15,9 @@ from torch.autograd.function import once_differentiable
 from .core import check_index_tensor, check_int
 
 # %% auto #0
-__all__ = ['KERNELS', 'KERNEL_CHOICES', 'time_kernels', 'pick', 'inference_kernel', 'training_kernels', 'kernel_report',
-           'fast_linear', 'FastLinear', 'use_fast_kernels', 'chunked_cross_entropy']
+__all__ = ['KERNELS', 'KERNEL_CHOICES', 'ATTENTION_KERNELS', 'time_kernels', 'pick', 'inference_kernel', 'training_kernels',
+           'kernel_report', 'fast_linear', 'FastLinear', 'blocked_attention', 'attention_kernel', 'fast_attention',
+           'SDPA', 'FastSDPA', 'use_fast_kernels', 'chunked_cross_entropy']
 
 # %% ../nbs/06_kernels.ipynb #e4ef41d5
 def _plain(x2, w): return F.linear(x2, w)
@@ -112,13 +113,19 @@ def training_kernels(x2: torch.Tensor, w: torch.Tensor) -> tuple[str, str]:
     return KERNEL_CHOICES[key]["forward"], KERNEL_CHOICES[key]["grad_x"]
 
 def kernel_report() -> list[dict]:
-    "One row per kind of product met so far: its shape, the chosen kernel(s) and the measured times (ms)."
+    "One row per kind of product (or attention call) met so far: its shape, the chosen kernel(s), the times (ms)."
     rows = []
-    for (kind, dtype, o, i, n, threads), c in KERNEL_CHOICES.items():
-        choice = c["choice"] if kind == "inference" else f"{c['forward']} / {c['grad_x']}"
-        if kind == "inference": times = c["times"]
-        else: times = {f"{p} {k}": v for p, t in c["times"].items() for k, v in t.items()}
-        rows.append(dict(kind=kind, dtype=str(dtype).removeprefix("torch."), weight=f"{o}x{i}", rows=n, threads=threads,
+    for key, c in KERNEL_CHOICES.items():
+        if key[0] == "attention":                  # (kind, grad, dtype, B, H, Hkv, hd, T, S, threads)
+            _, grad, dtype, B, H, Hkv, hd, n, S, threads = key
+            kind, shape, times = "attn train" if grad else "attention", f"{H}/{Hkv} heads x{hd}, keys {S}", c["times"]
+        else:
+            kind, dtype, o, i, n, threads = key
+            shape = f"{o}x{i}"
+            times = c["times"] if kind == "inference" else {f"{p} {k}": v for p, t in c["times"].items()
+                                                            for k, v in t.items()}
+        choice = c["choice"] if "choice" in c else f"{c['forward']} / {c['grad_x']}"
+        rows.append(dict(kind=kind, dtype=str(dtype).removeprefix("torch."), weight=shape, rows=n, threads=threads,
                          choice=choice, ms={k: round(v * 1e3, 3) for k, v in times.items()}))
     return rows
 
@@ -156,6 +163,71 @@ class FastLinear(nn.Linear):
     "An `nn.Linear` (same parameters and state-dict names) whose product runs on the kernel measured fastest here."
     def forward(self, x: torch.Tensor) -> torch.Tensor: return fast_linear(x, self.weight, self.bias)
 
+# %% ../nbs/06_kernels.ipynb #a955a46b
+def _key_ends(mask: torch.Tensor, block: int) -> list[int]:
+    "For each block of `block` query rows of a boolean `mask [T, S]`: one past the last key any row of it may attend."
+    T, S = mask.shape
+    last = S - mask.flip(-1).to(torch.uint8).argmax(-1)         # per row; a row that sees nothing gets S
+    last = F.pad(last, (0, -T % block), value=1)
+    return last.view(-1, block).amax(-1).tolist()
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      block: int = 64) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)` for q `[B,H,T,hd]`, k, v
+    `[B,Hkv,S,hd]` and a boolean `mask [T, S]`, `block` query rows at a time, each block reading only the keys up to
+    the last one its rows may attend."""
+    outs = [F.scaled_dot_product_attention(q[..., a:a + block, :], k[..., :e, :], v[..., :e, :],
+                                           attn_mask=mask[a:a + block, :e], enable_gqa=True)
+            for a, e in zip(range(0, q.shape[-2], block), _key_ends(mask, block))]
+    return torch.cat(outs, dim=-2)
+
+def _whole(q, k, v, mask): return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+ATTENTION_KERNELS: dict[str, Callable] = {"whole": _whole, **{f"blocks of {b}": (lambda q, k, v, m, b=b:
+                                          blocked_attention(q, k, v, m, b)) for b in (64, 128)}}
+
+def _choose_attention(q, k, v, mask, grad: bool) -> dict:
+    T = q.shape[-2]
+    q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+    g = torch.randn_like(q) if grad else None
+    def run(kernel):
+        def call():
+            with torch.set_grad_enabled(grad):
+                o = kernel(q, k, v, mask)
+                if grad: q.grad = k.grad = v.grad = None; o.backward(g)
+            return o
+        return call
+    with torch.no_grad(): ref = _whole(q, k, v, mask)
+    cands = {}
+    for name, kernel in ATTENTION_KERNELS.items():
+        if name != "whole" and T < 2 * int(name.split()[-1]): continue
+        with torch.no_grad():
+            if name == "whole" or _agree(kernel(q, k, v, mask), ref): cands[name] = run(kernel)
+    times = time_kernels(cands, budget=0.25)
+    return dict(choice=pick(times, reference="whole"), times=times)
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> str:
+    "The attention kernel chosen for this kind of call (measured on first use; lengths rounded up to a power of two)."
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    (B, H, T, hd), Hkv, S = q.shape, k.shape[1], k.shape[2]
+    key = ("attention", grad, q.dtype, B, H, Hkv, hd, _rows(T), _rows(S), torch.get_num_threads())
+    if key not in KERNEL_CHOICES: KERNEL_CHOICES[key] = _choose_attention(q, k, v, mask, grad)
+    return KERNEL_CHOICES[key]["choice"]
+
+def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    "`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)` on the kernel measured fastest here."
+    if (mask is None or mask.dtype != torch.bool or q.device.type != "cpu" or q.dim() != 4 or q.shape[-2] < 128
+            or mask.shape != (q.shape[-2], k.shape[-2]) or torch.is_autocast_enabled("cpu")):
+        return _whole(q, k, v, mask)
+    return ATTENTION_KERNELS[attention_kernel(q, k, v, mask)](q, k, v, mask)
+
+class SDPA(nn.Module):
+    "Scaled dot-product attention as a module: softmax(q k^T / sqrt(hd), masked) v, query head h on kv head h // n_rep."
+    def forward(self, q, k, v, mask=None): return _whole(q, k, v, mask)
+
+class FastSDPA(SDPA):
+    "An `SDPA` whose call runs on the attention kernel measured fastest here (whole, or in blocks of query rows)."
+    def forward(self, q, k, v, mask=None): return fast_attention(q, k, v, mask)
+
 # %% ../nbs/06_kernels.ipynb #21c14d6d
 def _swap(module: nn.Module, cls: type) -> nn.Module:
     "A module of class `cls` with `module`'s state: the same parameters, buffers, hooks and training flag."
@@ -164,12 +236,14 @@ def _swap(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 def use_fast_kernels(model: nn.Module, enable: bool = True) -> nn.Module:
-    "Swap every plain `nn.Linear` of `model` for a `FastLinear` (or, with `enable=False`, back); returns `model`."
-    old_forward, new_cls = (nn.Linear.forward, FastLinear) if enable else (FastLinear.forward, nn.Linear)
+    """Swap every plain `nn.Linear` of `model` for a `FastLinear` and every plain `SDPA` for a `FastSDPA` (or, with
+    `enable=False`, back); returns `model`."""
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and type(child).forward is old_forward:
-                setattr(parent, name, _swap(child, new_cls))
+            for plain, fast in ((nn.Linear, FastLinear), (SDPA, FastSDPA)):
+                old, new = (plain, fast) if enable else (fast, plain)
+                if isinstance(child, plain) and type(child).forward is old.forward:
+                    setattr(parent, name, _swap(child, new))
     if hasattr(model, "fast"): model.fast = enable
     return model
 
@@ -186,14 +260,17 @@ class _ChunkedCE(torch.autograd.Function):
         gh = torch.empty_like(h) if need_h else None
         gp = [torch.zeros_like(p, dtype=torch.float32) for p in wrt]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        masked = not bool(valid.all())                         # any ignored rows to zero out?
         for i in range(0, h.shape[0], rows):
             t, v = targets[i:i + rows, None], valid[i:i + rows, None]
             with torch.enable_grad():
                 hc = h[i:i + rows].detach().requires_grad_(need_h)
                 z = head(hc)                                   # the head module, called on this chunk only
             logp = torch.log_softmax(z.detach().float(), dim=-1)
-            total -= logp.gather(1, t).masked_fill_(~v, 0.0).sum()
-            dz = logp.exp_().scatter_add_(1, t, -v.to(logp.dtype)).masked_fill_(~v, 0.0)   # softmax - one-hot
+            picked = logp.gather(1, t)
+            total -= (picked.masked_fill_(~v, 0.0) if masked else picked).sum()
+            dz = logp.exp_().scatter_add_(1, t, -v.to(logp.dtype))                       # softmax - one-hot
+            if masked: dz.masked_fill_(~v, 0.0)
             grads = list(torch.autograd.grad(z, ([hc] if need_h else []) + wrt, dz.to(z.dtype)))
             if need_h: gh[i:i + rows] = grads.pop(0)
             for acc, g in zip(gp, grads): acc += g

@@ -9,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama32_nb.decoder import Llama, LlamaConfig, RMSNorm, llama3_scaling
-from llama32_nb.kernels import (KERNELS, KERNEL_CHOICES, FastLinear, _Linear, chunked_cross_entropy, fast_linear,
-                                kernel_report, pick, time_kernels, use_fast_kernels)
+import llama32_nb.kernels as kernels
+from llama32_nb.kernels import (ATTENTION_KERNELS, KERNELS, KERNEL_CHOICES, SDPA, FastLinear, FastSDPA, _Linear,
+                                blocked_attention, chunked_cross_entropy, fast_attention, fast_linear, kernel_report,
+                                pick, time_kernels, use_fast_kernels)
 
 torch.set_num_threads(2)
 CFG = LlamaConfig.toy(vocab_size=300, max_seq_len=64, rope_scaling=llama3_scaling(4, 16))
@@ -224,3 +226,92 @@ def test_chunked_cross_entropy_edges():
         m.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):
         m.loss(torch.full((1, 4), 50), torch.zeros(1, 4, dtype=torch.long))
+
+
+def _masks(T, S):
+    g = torch.Generator().manual_seed(3)
+    return {"causal": torch.ones(T, S, dtype=torch.bool).tril(S - T),      # a chunk read after S - T cached positions
+            "random": torch.rand(T, S, generator=g) < 0.4}
+
+
+@pytest.mark.parametrize("T,S", [(128, 128), (200, 200), (150, 410)])
+@pytest.mark.parametrize("mask", ["causal", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_attention_kernel_equals_sdpa(T, S, mask, dtype):
+    "Every attention candidate gives SDPA's output and gradients, for causal and arbitrary masks and ragged blocks."
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 16, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, S, 16, generator=g).to(dtype).requires_grad_() for _ in "kv")
+    m = _masks(T, S)[mask]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    gref = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, kernel in ATTENTION_KERNELS.items():
+        out = kernel(q, k, v, m)
+        torch.testing.assert_close(out.float(), ref.float(), **tol, msg=name)
+        for a, b in zip(torch.autograd.grad(out.float().square().sum(), (q, k, v)), gref):
+            torch.testing.assert_close(a.float(), b.float(), **(tol if dtype == torch.float32 else
+                                                                 dict(rtol=5e-2, atol=5e-2)), msg=name)
+    torch.testing.assert_close(fast_attention(q, k, v, m).float(), ref.float(), **tol)
+
+
+def test_blocks_read_only_the_keys_their_mask_allows(monkeypatch):
+    seen = []
+    q, k, v = torch.randn(1, 2, 256, 8), torch.randn(1, 1, 300, 8), torch.randn(1, 1, 300, 8)
+    real = F.scaled_dot_product_attention
+    def spy(q, k, v, attn_mask=None, enable_gqa=False):
+        seen.append((q.shape[2], k.shape[2], tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)          # a test spy on the kernel calls
+    blocked_attention(q, k, v, _masks(256, 300)["causal"], block=64)
+    assert seen == [(64, 108, (64, 108)), (64, 172, (64, 172)), (64, 236, (64, 236)), (64, 300, (64, 300))]
+
+
+def test_fast_attention_measures_per_kind_and_falls_back():
+    KERNEL_CHOICES.clear()
+    q, k, v = torch.randn(1, 2, 160, 8), torch.randn(1, 2, 160, 8), torch.randn(1, 2, 160, 8)
+    m = _masks(160, 160)["causal"]
+    for skip in [dict(mask=None), dict(mask=m.float()), dict(mask=m[:100, :100], q=q[:, :, :100], k=k[:, :, :100])]:
+        qq, kk, mm = skip.get("q", q), skip.get("k", k), skip["mask"]
+        torch.testing.assert_close(fast_attention(qq, kk, kk, mm),
+                                   F.scaled_dot_product_attention(qq, kk, kk, attn_mask=mm, enable_gqa=True))
+    assert not KERNEL_CHOICES                                           # none of those is measured
+    fast_attention(q, k, v, m)
+    qg = q.clone().requires_grad_(); fast_attention(qg, k, v, m).sum().backward()
+    assert {key[:2] for key in KERNEL_CHOICES} == {("attention", False), ("attention", True)}
+    rows = [r for r in kernel_report() if r["kind"] in ("attention", "attn train")]
+    assert len(rows) == 2 and all(r["choice"] in ATTENTION_KERNELS and "whole" in r["ms"] for r in rows)
+
+
+def test_sdpa_is_swapped_like_the_projections():
+    fast, plain = pair()
+    assert all(type(l.self_attn.sdpa) is FastSDPA for l in fast.layers)
+    assert all(type(l.self_attn.sdpa) is SDPA for l in plain.layers)
+    class Weights(SDPA):                                                # a module of someone's own: left alone
+        def forward(self, q, k, v, mask=None): return super().forward(q, k, v, mask)
+    plain.layers[1].self_attn.sdpa = own = Weights()
+    use_fast_kernels(plain)
+    assert type(plain.layers[0].self_attn.sdpa) is FastSDPA and plain.layers[1].self_attn.sdpa is own
+    use_fast_kernels(plain, False)
+    assert not any(isinstance(m, (FastSDPA, FastLinear)) for m in plain.modules())
+
+
+@pytest.mark.parametrize("kernel", [k for k in ATTENTION_KERNELS if k != "whole"])
+def test_long_sequences_on_blocked_attention_equal_plain(kernel, monkeypatch):
+    "With blocks forced, a model on 160-token sequences equals the plain reference on every path, hooks included."
+    monkeypatch.setattr(kernels, "attention_kernel", lambda *a: kernel)
+    fast, plain = pair(2, max_seq_len=256)
+    x, y = torch.randint(0, 300, (2, 160)), torch.randint(0, 300, (2, 160))
+    calls = []
+    fast.layers[0].self_attn.sdpa.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[2]))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        cf, cp = fast.new_cache(2, 256), plain.new_cache(2, 256)
+        for a, b in [(0, 130), (130, 160)]:                             # a prompt read in two chunks
+            torch.testing.assert_close(fast(x[:, a:b], a, cf), plain(x[:, a:b], a, cp), rtol=1e-5, atol=1e-5)
+    lf, lp = fast.loss(x, y), plain.loss(x, y)
+    lf.backward(); lp.backward()
+    assert abs(lf.item() - lp.item()) < 1e-5
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert calls == [160, 130, 30, 160]
