@@ -18,7 +18,7 @@ import transformers
 
 from llama32_nb.decoder import Llama, LlamaConfig, hf_name
 from llama32_nb.core import cpu_model
-from llama32_nb.kernels import kernel_report
+from llama32_nb.kernels import kernel_report, use_fast_kernels
 
 torch.set_num_threads(2)
 
@@ -122,13 +122,14 @@ def prefill_tps(ours, hf, T, reps):
 def train_tps(cfg, B, T, steps, reps):
     """Training tokens/s (forward, backward, AdamW step) on independent copies of the same weights, interleaved round
     by round: transformers (logits, then F.cross_entropy, which is what its `labels=` loss computes), ours the same
-    way, and ours with `model.loss` (the fused chunked loss our Trainer uses). Ratios are transformers' time over
-    ours."""
+    way, ours with `model.loss` (the fused chunked loss our Trainer uses), and ours with the speed layer switched off
+    (`use_fast_kernels(model, False)`: plain modules, plain loss), which shows how much of the ratio the speed layer
+    makes. Ratios are transformers' time over ours."""
     ours, _ = build_pair(cfg)   # build_pair's transformers model shares our tensors; each optimizer needs its own copy
-    ours_fused = copy.deepcopy(ours)
+    ours_fused, ours_plain = copy.deepcopy(ours), use_fast_kernels(copy.deepcopy(ours), False)
     hf = transformers.LlamaForCausalLM(hf_config(cfg))
     hf.load_state_dict({k: v.clone() for k, v in hf_state_dict(ours).items()}, strict=False)
-    for m in (hf, ours, ours_fused): m.train()
+    for m in (hf, ours, ours_fused, ours_plain): m.train()
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
     def make_step(model, loss_fn):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -139,16 +140,16 @@ def train_tps(cfg, B, T, steps, reps):
         return step
     steps_fn = {"hf": make_step(hf, lambda a, b: F.cross_entropy(hf(a).logits.flatten(0, 1).float(), b.flatten())),
                 "ours": make_step(ours, lambda a, b: F.cross_entropy(ours(a).flatten(0, 1), b.flatten())),
-                "fused": make_step(ours_fused, ours_fused.loss)}
+                "fused": make_step(ours_fused, ours_fused.loss), "plain": make_step(ours_plain, ours_plain.loss)}
     t, names = {k: [] for k in steps_fn}, list(steps_fn)
     for r in range(reps):   # interleaved; the order rotates each round, so no model always runs after the same one
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
             for _ in range(steps): steps_fn[name]()
             t[name].append(time.perf_counter() - t0)
     tps = {k: B * T * steps / min(v) for k, v in t.items()}
     out = []
-    for k in ("ours", "fused"):
+    for k in ("ours", "fused", "plain"):
         q = sorted(h / o for o, h in zip(t[k], t["hf"]))          # same-round ratios, for their spread
         out.append({"ours": tps[k], "hf": tps["hf"], "median_ratio": median(q),
                     "quartiles": (q[len(q) // 4], q[(3 * len(q)) // 4])})
@@ -196,12 +197,14 @@ def main():
         del ours, hf; gc.collect()
 
     tcfg = LlamaConfig.toy(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=2048, ffn_dim=704, max_seq_len=512)
-    r_logits, r_fused = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 40)
+    r_logits, r_fused, r_plain = train_tps(tcfg, 8, 256, 2, 3 if args.quick else 40)
     def spread(r): return f"; same-round ratio quartiles {r['quartiles'][0]:.2f}-{r['quartiles'][1]:.2f}"
     rows.append(("train tiny fp32, model.loss (tok/s)", r_fused,
                  "dim 256, 4 layers, B=8, T=256, AdamW; fused chunked loss (what Trainer uses)" + spread(r_fused)))
     rows.append(("train tiny fp32, logits+CE (tok/s)", r_logits,
                  "the same, ours through logits + F.cross_entropy like transformers" + spread(r_logits)))
+    rows.append(("train tiny fp32, speed layer off", r_plain,
+                 "model.loss of Llama with use_fast_kernels(model, False): plain modules and loss" + spread(r_plain)))
 
     print(f"\n{'benchmark':36}{'ours':>9}{'transformers':>13}{'best/best':>10}{'median':>8}  notes")
     print(f"{'':36}{'':>9}{'':>13}{'':>10}{'ratio':>8}")
