@@ -186,22 +186,18 @@ ATTENTION_KERNELS: dict[str, Callable] = {"whole": _whole, **{f"blocks of {b}": 
                                           blocked_attention(q, k, v, m, b)) for b in (64, 128)}}
 
 def _choose_attention(q, k, v, mask, grad: bool) -> dict:
-    T = q.shape[-2]
     q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
     g = torch.randn_like(q) if grad else None
-    def run(kernel):
+    def run(kernel):                                    # the forward pass, and the backward one when training
         def call():
             with torch.set_grad_enabled(grad):
                 o = kernel(q, k, v, mask)
                 if grad: q.grad = k.grad = v.grad = None; o.backward(g)
-            return o
         return call
-    with torch.no_grad(): ref = _whole(q, k, v, mask)
-    cands = {}
-    for name, kernel in ATTENTION_KERNELS.items():
-        if name != "whole" and T < 2 * int(name.split()[-1]): continue
-        with torch.no_grad():
-            if name == "whole" or _agree(kernel(q, k, v, mask), ref): cands[name] = run(kernel)
+    with torch.no_grad():
+        ref = _whole(q, k, v, mask)
+        cands = {name: run(kernel) for name, kernel in ATTENTION_KERNELS.items()
+                 if name == "whole" or _agree(kernel(q, k, v, mask), ref)}
     times = time_kernels(cands, budget=0.25)
     return dict(choice=pick(times, reference="whole"), times=times)
 
