@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test recipe lab bench clean-nbs
+.PHONY: setup test recipe lab bench clean-nbs pretrain-ddp pretrain-fsdp
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ test: $(STAMP)
 
 recipe: $(STAMP)
 	$(PY) scripts/recipe.py
+
+# The tiny pretraining on 2 processes of this machine (gloo on CPU, nccl on GPUs): 40 steps, DDP or FSDP2.
+# More steps: make pretrain-ddp STEPS=400; more processes: NPROC=4. Resumes from runs/pretrain-<mode>/checkpoint.
+NPROC ?= 2
+STEPS ?= 40
+pretrain-ddp pretrain-fsdp: pretrain-%: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
+		scripts/pretrain.py --parallel $* --steps $(STEPS) --out runs/pretrain-$*
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab nbs

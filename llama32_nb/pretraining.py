@@ -5,15 +5,18 @@ accumulation, exact checkpoint/resume."""
 
 # %% ../nbs/08_pretraining.ipynb #9c5a152d
 from __future__ import annotations
-import hashlib, json, math, random, shutil, time
+import hashlib, json, math, os, random, shutil, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-from datasets import Dataset
-from safetensors.torch import save_file, load_file, save_model, load_model
+from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .core import check_int, check_number, set_seed, default_device, data_dir
 from .tokenizer import Tokenizer
@@ -21,9 +24,11 @@ from .decoder import Llama, LlamaConfig
 
 # %% auto #0
 __all__ = ['split_text', 'tokenize_texts', 'corpus_fingerprint', 'pack_blocks', 'split_blocks', 'BlockLoader', 'lm_loss',
-           'batch_loss', 'evaluate', 'make_optimizer', 'lr_at', 'TrainConfig', 'Trainer', 'plot_history',
-           'tiny_llama_config', 'tiny_train_config', 'corpus_blocks', 'save_artifacts', 'artifacts_dir',
-           'load_artifacts', 'pretrain_tiny_llama']
+           'batch_loss', 'evaluate', 'make_optimizer', 'lr_at', 'TrainConfig', 'dist_info', 'init_distributed',
+           'LossForward', 'parallelize', 'grad_sync', 'mean_over_ranks', 'full_tensor', 'shard_like', 'full_state_dict',
+           'load_full_state_dict', 'explain_rank_failure', 'Trainer', 'plot_history', 'tiny_llama_config',
+           'tiny_train_config', 'corpus_blocks', 'save_artifacts', 'artifacts_dir', 'load_artifacts',
+           'pretrain_tiny_llama']
 
 # %% ../nbs/08_pretraining.ipynb #890bce9b
 def split_text(text: str, max_chars: int = 2000) -> list[str]:
@@ -43,8 +48,9 @@ def split_text(text: str, max_chars: int = 2000) -> list[str]:
 
 # %% ../nbs/08_pretraining.ipynb #6e75b75a
 def tokenize_texts(texts: str | Sequence[str], tok, batch_size: int = 64, num_proc: int | None = None,
-                   desc: str = "tokenize") -> Dataset:
+                   desc: str = "tokenize") -> "datasets.Dataset":
     "Encode every text with `tok` by `datasets.Dataset.map(batched=True)`: a Dataset with columns `ids`, `n_tokens`."
+    from datasets import Dataset  # imported here: a process that only trains (e.g. each torchrun rank) starts faster
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("tokenize_texts needs a non-empty list of str")
@@ -93,14 +99,19 @@ def split_blocks(blocks: torch.Tensor, val_frac: float = 0.1) -> tuple[torch.Ten
 
 # %% ../nbs/08_pretraining.ipynb #52f4736b
 class BlockLoader:
-    "Batches `(x, y)` of training blocks; batch `i` is a pure function of `(seed, i)`, over endless shuffled epochs."
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0):
+    """Batches `(x, y)` of training blocks; batch `i` is a pure function of `(seed, i)`, over endless shuffled epochs.
+    Process `rank` of `world_size` gets only its own `batch_size // world_size` rows of each batch."""
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2:
             raise ValueError("blocks must be a 2-D tensor [N, block_size + 1] with block_size >= 1")
         if check_int(batch_size, "batch_size") > len(blocks):
             raise ValueError(f"batch_size={batch_size} is larger than the {len(blocks)} training blocks; use a smaller "
                              "batch or more text")
+        if batch_size % check_int(world_size, "world_size") or not 0 <= check_int(rank, "rank", 0) < world_size:
+            raise ValueError(f"batch_size={batch_size} must split evenly over world_size={world_size} processes "
+                             f"(rank {rank})")
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.per_epoch = len(blocks) // batch_size  # the last partial batch of each epoch is dropped
         self._epoch, self._perm = None, None
 
@@ -115,7 +126,9 @@ class BlockLoader:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, j = divmod(i, self.per_epoch)
-        rows = self.blocks[self.perm(epoch)[j * self.batch_size:(j + 1) * self.batch_size]]
+        b = self.batch_size // self.world_size                     # this rank's share of the batch
+        start = j * self.batch_size + self.rank * b
+        rows = self.blocks[self.perm(epoch)[start:start + b]]
         return rows[:, :-1], rows[:, 1:]
 
 # %% ../nbs/08_pretraining.ipynb #b58e7570
@@ -209,13 +222,117 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float: return lr_at(step, self.lr, self.warmup_steps, self.max_steps, self.min_lr)
 
+# %% ../nbs/08_pretraining.ipynb #1d15a002
+def dist_info() -> tuple[int, int]:
+    "`(rank, world_size)`: this process's place in the running process group, or `(0, 1)` without one."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def init_distributed(timeout: float | None = None) -> tuple[int, int]:
+    """Join the process group `torchrun` describes in the environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+    `MASTER_PORT`; `LOCAL_RANK` picks the GPU): nccl on CUDA, gloo on CPU. A collective waits at most `timeout`
+    seconds (default `$LLAMA32_DIST_TIMEOUT`, else 300) for the other ranks, then fails instead of hanging. A plain
+    one-process run (no `WORLD_SIZE > 1`) joins nothing. Returns `dist_info()`."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        timeout = check_number(float(timeout or os.environ.get("LLAMA32_DIST_TIMEOUT", 300)), "timeout", 0)
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout))
+    return dist_info()
+
+# %% ../nbs/08_pretraining.ipynb #1d15a004
+class LossForward(nn.Module):
+    "`loss_fn(model, *batch)` (default `batch_loss`) as a module's `forward`, so that DDP sees the whole loss."
+    def __init__(self, model: nn.Module, loss_fn=None):
+        super().__init__(); self.model, self.loss_fn = model, loss_fn or batch_loss
+    def forward(self, *batch): return self.loss_fn(self.model, *batch)
+
+def parallelize(model: nn.Module, how: str, device: torch.device, loss_fn=None) -> nn.Module:
+    """Prepare `model` (identical on every rank afterwards: rank 0's weights) for training over the process group;
+    returns the module to call as `loss(*batch)`, i.e. `loss_fn(model, *batch)`. `"ddp"`: a `DistributedDataParallel`
+    replica per rank. `"fsdp"`: FSDP2's `fully_shard` on each block of `model.layers`, then on `model`, in place
+    (parameters become `DTensor` shards), so the optimizer must be built afterwards."""
+    if how not in ("ddp", "fsdp"): raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {how!r}")
+    with torch.no_grad():
+        for t in model.state_dict().values(): dist.broadcast(t, src=0)
+    if how == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(LossForward(model, loss_fn),
+                                       device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in getattr(model, "layers", []): fully_shard(block)
+    fully_shard(model)
+    if callable(getattr(model, "loss", None)): register_fsdp_forward_method(model, "loss")
+    return LossForward(model, loss_fn)
+
+def grad_sync(module: nn.Module | None, on: bool):
+    """The context for one micro-batch's forward and backward: with `on=False` gradients only accumulate locally
+    (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`); the step's last micro-batch synchronises them."""
+    if hasattr(module, "no_sync"): return nullcontext() if on else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"): module.set_requires_gradient_sync(on)
+    return nullcontext()
+
+def mean_over_ranks(x: float, device) -> float:
+    "The mean of the number `x` over all ranks (all must call); `x` itself in a one-process run."
+    if dist_info()[1] == 1: return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+# %% ../nbs/08_pretraining.ipynb #1d15a006
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    "`t` in full: an FSDP2 shard (a `DTensor`) is gathered from all ranks (every rank must call); a tensor as it is."
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+def shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    "The inverse of `full_tensor`: `full` cut like `ref` (this rank's slice if `ref` is a `DTensor`), on its device."
+    if not hasattr(ref, "device_mesh"): return full.to(ref.device)
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    "The model's state dict with every tensor in full (see `full_tensor`) and a tied weight once, under its first name."
+    out, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen: seen.add(id(v)); out[k] = full_tensor(v.detach()).contiguous()
+    return out
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
+    "Copy the full state dict `sd` (a tied weight under any one of its names) into `model`, sharded or not."
+    names = {}
+    for k, v in model.state_dict(keep_vars=True).items(): names.setdefault(id(v), (v, []))[1].append(k)
+    missing = [ks for _, ks in names.values() if not any(k in sd for k in ks)]
+    unexpected = set(sd) - {k for _, ks in names.values() for k in ks}
+    if missing or unexpected: raise ValueError(f"state dict does not fit the model: missing {missing}, "
+                                               f"unexpected {sorted(unexpected)}")
+    for v, ks in names.values():
+        src = sd[next(k for k in ks if k in sd)]
+        if src.shape != v.shape: raise ValueError(f"{ks[0]}: shape {tuple(src.shape)} != model's {tuple(v.shape)}")
+        v.copy_(shard_like(src.to(v.dtype), v))
+    return model
+
+@contextmanager
+def explain_rank_failure(rank: int, world_size: int, what: str = "training"):
+    "Re-raise a failure in a multi-process run naming the rank, and what a failed collective usually means."
+    try: yield
+    except RuntimeError as e:
+        if world_size == 1: raise
+        raise RuntimeError(f"rank {rank} of {world_size} failed during {what}: {e}\nA timed-out or broken collective "
+                           "means another rank crashed or stalled: look for its own error in the launcher's output "
+                           "(the timeout is init_distributed's, $LLAMA32_DIST_TIMEOUT).") from e
+
 # %% ../nbs/08_pretraining.ipynb #e017e70e
 class Trainer:
-    "Next-token pretraining: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, validation, exact resume."
+    """Next-token pretraining: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, validation, exact resume.
+    Under `torchrun`, data-parallel over the ranks: `parallel` is `"ddp"` or `"fsdp"` (default `$LLAMA32_PARALLEL`,
+    else `"ddp"`); `cfg.batch_size` stays the batch of all ranks together."""
     def __init__(self, model, cfg: TrainConfig, train_blocks: torch.Tensor, val_blocks: torch.Tensor | None = None,
-                 device=None):
+                 device=None, parallel: str | None = None):
         if not isinstance(cfg, TrainConfig): raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.rank, self.world_size = init_distributed()
         self.device = torch.device(device) if device is not None else default_device()
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())    # this rank's GPU (LOCAL_RANK)
         self.model, self.cfg = model.to(self.device), cfg
         max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
         if max_len is not None and train_blocks.shape[-1] - 1 > max_len:
@@ -223,8 +340,12 @@ class Trainer:
         width = train_blocks.shape[1]
         if val_blocks is not None and (val_blocks.dim() != 2 or val_blocks.shape[1] != width or len(val_blocks) == 0):
             raise ValueError(f"val_blocks must be a non-empty [N, {width}] tensor")
-        self.loader = BlockLoader(train_blocks, cfg.batch_size, cfg.seed)
+        self.loader = BlockLoader(train_blocks, cfg.batch_size, cfg.seed, self.rank, self.world_size)
         self.val_blocks = val_blocks
+        self.parallel, self.loss_module = None, None                   # one process: call batch_loss directly
+        if self.world_size > 1:
+            self.parallel = parallel or os.environ.get("LLAMA32_PARALLEL", "ddp")
+            self.loss_module = parallelize(self.model, self.parallel, self.device, self.compute_loss)
         self.opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.history = dict(step=[], loss=[], lr=[], grad_norm=[], val_step=[], val_loss=[])
@@ -245,10 +366,12 @@ class Trainer:
         for k in range(cfg.grad_accum):
             x, y = self.loader[self.step * cfg.grad_accum + k]
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = batch_loss(self.model, x, y) / cfg.grad_accum
-            loss.backward()
+            with grad_sync(self._sync_module, on=k == cfg.grad_accum - 1):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = self.micro_loss(x, y) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
+        total = mean_over_ranks(total, dev)                          # the loss of the whole (all ranks') batch
         if not math.isfinite(total):
             raise FloatingPointError(f"non-finite loss {total} at step {self.step}; lower TrainConfig.lr or enable "
                                      "grad_clip")
@@ -257,9 +380,24 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         h = self.history
-        h["step"].append(self.step); h["loss"].append(total); h["lr"].append(lr); h["grad_norm"].append(float(gnorm))
+        h["step"].append(self.step); h["loss"].append(total); h["lr"].append(lr)
+        h["grad_norm"].append(float(full_tensor(gnorm)))
         self.step += 1; self.tokens_seen += self.tokens_per_step
         return total
+
+    def compute_loss(self, model, x, y) -> torch.Tensor:
+        """The training loss of `model` on a micro-batch: `batch_loss`. A subclass (distillation, SFT, ...) overrides
+        this, not `train_step`, and gets DDP/FSDP2 for free."""
+        return batch_loss(model, x, y)
+
+    def micro_loss(self, x, y) -> torch.Tensor:
+        "`compute_loss` on this rank's share of a micro-batch, through the DDP/FSDP2 wrapper when there is one."
+        return self.compute_loss(self.model, x, y) if self.loss_module is None else self.loss_module(x, y)
+
+    @property
+    def _sync_module(self):
+        "What `grad_sync` talks to: the DDP wrapper, or the FSDP2-sharded model; None with one process."
+        return {"ddp": self.loss_module, "fsdp": self.model}.get(self.parallel)
 
     def validate(self) -> float | None:
         "Validation loss (first `eval_batches` batches of the validation blocks), recorded at the current step."
@@ -275,8 +413,9 @@ class Trainer:
         end = self.cfg.max_steps if until is None else min(until, self.cfg.max_steps)
         if self.step == 0 and not self.history["val_step"]: self.validate()  # the loss before any training
         val = self.history["val_loss"][-1] if self.history["val_loss"] else float("nan")
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not progress, desc="pretrain", unit="step")
-        with bar:
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not progress or self.rank != 0, desc="pretrain",
+                   unit="step")
+        with bar, explain_rank_failure(self.rank, self.world_size, f"training (step {self.step})"):
             while self.step < end:
                 t0 = time.perf_counter()
                 loss = self.train_step()
@@ -293,17 +432,24 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def save_checkpoint(self, path) -> Path:
-        "Write model, optimizer, RNG and loop state to the folder `path` (atomically replaced)."
+        """Write model, optimizer, RNG and loop state to the folder `path` (atomically replaced). With several ranks,
+        every rank calls it (sharded tensors are gathered) and rank 0 alone writes."""
         path = Path(path); tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
+        weights = full_state_dict(self.model)
         sd = self.opt.state_dict()
         tensors, extra = {}, {}
         for i, s in sd["state"].items():
             for k, v in s.items():
-                if isinstance(v, torch.Tensor): tensors[f"opt.{i}.{k}"] = v.detach().contiguous()
+                if isinstance(v, torch.Tensor): tensors[f"opt.{i}.{k}"] = full_tensor(v.detach()).contiguous()
                 else: extra[f"{i}.{k}"] = v
+        if self.rank == 0: self._write_checkpoint(path, tmp, weights, tensors, extra, sd["param_groups"])
+        if self.world_size > 1: dist.barrier()                     # the files exist before anyone reads them
+        return path
+
+    def _write_checkpoint(self, path, tmp, weights, tensors, extra, param_groups):
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()): tensors[f"rng.cuda.{i}"] = s
@@ -312,14 +458,13 @@ class Trainer:
         meta = dict(format="llama32_nb.pretraining/1", step=self.step, tokens_seen=self.tokens_seen,
                     train_seconds=self.train_seconds, config=asdict(self.cfg), history=self.history, opt_extra=extra,
                     param_groups=[{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
-                                  for g in sd["param_groups"]],
+                                  for g in param_groups],
                     python_rng=[py[0], list(py[1]), py[2]],
                     numpy_rng=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
                                float(np_state[4])])
         (tmp / "trainer.json").write_text(json.dumps(meta))
         if path.exists(): shutil.rmtree(path)
         tmp.rename(path)
-        return path
 
     def load_checkpoint(self, path) -> "Trainer":
         "Restore a checkpoint written by `save_checkpoint` (same config required) and continue from its step."
@@ -335,12 +480,13 @@ class Trainer:
             diff = {f.name: (getattr(saved, f.name), getattr(self.cfg, f.name)) for f in fields(TrainConfig)
                     if getattr(saved, f.name) != getattr(self.cfg, f.name)}
             raise ValueError(f"checkpoint {path} was written with a different TrainConfig (saved, current): {diff}")
-        load_model(self.model, str(files[0]), device=str(self.device))
+        load_full_state_dict(self.model, load_file(str(files[0])))
         t = load_file(str(files[1]))
-        state = {}
+        state, params = {}, [p for g in self.opt.param_groups for p in g["params"]]
         for k, v in t.items():
             if k.startswith("opt."):
-                _, i, name = k.split(".", 2); state.setdefault(int(i), {})[name] = v
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = shard_like(v, params[int(i)]) if v.dim() else v
         for k, v in meta["opt_extra"].items():
             i, name = k.split(".", 1); state.setdefault(int(i), {})[name] = v
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
@@ -357,13 +503,13 @@ class Trainer:
         return self
 
     @classmethod
-    def resume(cls, path, model, train_blocks, val_blocks=None, device=None) -> "Trainer":
-        "A Trainer with the config saved in the checkpoint at `path`, restored to its step."
+    def resume(cls, path, model, train_blocks, val_blocks=None, device=None, parallel: str | None = None) -> "Trainer":
+        "A Trainer with the config saved in the checkpoint at `path`, restored to its step (on any number of ranks)."
         path = Path(path)
         if not (path / "trainer.json").is_file():
             raise FileNotFoundError(f"no checkpoint at {path} (trainer.json missing)")
         cfg = TrainConfig(**json.loads((path / "trainer.json").read_text())["config"])
-        return cls(model, cfg, train_blocks, val_blocks, device).load_checkpoint(path)
+        return cls(model, cfg, train_blocks, val_blocks, device, parallel).load_checkpoint(path)
 
 # %% ../nbs/08_pretraining.ipynb #31d70a1d
 def plot_history(history: dict, ax=None, title: str | None = None, smooth: int = 20):
@@ -428,19 +574,23 @@ def load_artifacts(path=None, device=None, dtype: torch.dtype = torch.float32):
     return model, Tokenizer.load(path / "tokenizer.model")
 
 def pretrain_tiny_llama(tok, out, model_cfg: LlamaConfig | None = None, train_cfg: TrainConfig | None = None,
-                        progress: bool = True, device=None, ckpt_every: int = 100):
+                        progress: bool = True, device=None, ckpt_every: int = 100, parallel: str | None = None):
     """Train the tiny Llama on tiny Shakespeare; checkpoints in `out/checkpoint` (resumed if present), the final model
-    in `out/tiny-llama`. Returns the Trainer."""
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    in `out/tiny-llama`. Returns the Trainer. Under `torchrun` every rank calls it and rank 0 writes."""
+    rank, world_size = init_distributed()
+    out = Path(out)
+    if rank == 0: out.mkdir(parents=True, exist_ok=True)
     train_cfg = train_cfg or tiny_train_config()
     model_cfg = model_cfg or tiny_llama_config(tok.vocab_size)
-    train, val = corpus_blocks(tok, model_cfg.max_seq_len, progress=progress)
+    train, val = corpus_blocks(tok, model_cfg.max_seq_len, progress=progress and rank == 0)
     set_seed(train_cfg.seed)
     model = Llama(model_cfg)
     ckpt = out / "checkpoint"
-    trainer = (Trainer.resume(ckpt, model, train, val, device) if (ckpt / "trainer.json").is_file()
-               else Trainer(model, train_cfg, train, val, device))
+    trainer = (Trainer.resume(ckpt, model, train, val, device, parallel) if (ckpt / "trainer.json").is_file()
+               else Trainer(model, train_cfg, train, val, device, parallel))
     trainer.fit(progress=progress, ckpt_dir=ckpt, ckpt_every=ckpt_every)
+    if trainer.parallel == "fsdp":    # the shards gathered into a plain model (on every rank: all take part)
+        model = load_full_state_dict(Llama(model_cfg, init=False).to(trainer.device), full_state_dict(model))
     trainer.final_val_loss = evaluate(model, val, train_cfg.batch_size)
     facts = dict(params=model.num_params(), train_blocks=len(train), val_blocks=len(val),
                  block_size=model_cfg.max_seq_len, train_tokens=trainer.tokens_seen,
@@ -448,7 +598,8 @@ def pretrain_tiny_llama(tok, out, model_cfg: LlamaConfig | None = None, train_cf
                  train_seconds=round(trainer.train_seconds, 1), tokens_per_second=round(trainer.tokens_per_second),
                  device=str(trainer.device), final_train_loss=float(np.mean(trainer.history["loss"][-20:])),
                  final_val_loss=trainer.final_val_loss, val_perplexity=math.exp(trainer.final_val_loss),
-                 train_config=asdict(trainer.cfg))
+                 processes=world_size, parallel=trainer.parallel, train_config=asdict(trainer.cfg))
     trainer.facts = facts
-    save_artifacts(model, tok, out / "tiny-llama", extra=facts)
+    if rank == 0: save_artifacts(model, tok, out / "tiny-llama", extra=facts)
+    if world_size > 1: dist.barrier()
     return trainer
