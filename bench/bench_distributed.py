@@ -17,7 +17,8 @@ def baseline_module():
                          capture_output=True, text=True).stdout.replace("from .", "from llama32_nb.")
     f = Path(tempfile.mkdtemp()) / "pretraining_before.py"; f.write_text(src)
     spec = importlib.util.spec_from_file_location("pretraining_before", f)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod   # (dataclasses look it up)
+    spec.loader.exec_module(mod)
     return mod
 
 
@@ -46,6 +47,12 @@ def main():
         assert la == lb, "the two Trainers no longer compute the same losses"
         ratios.append(a / b)
         print(f"round {r}: ours {a * 1e3:.1f} ms/step, before {b * 1e3:.1f} ms/step, ratio {a / b:.3f}")
+    t0, n = time.perf_counter(), 10_000                              # what a one-process step adds, alone
+    for _ in range(n):
+        with ours.grad_sync(None, True): pass
+        ours.mean_over_ranks(1.0, "cpu"); ours.full_tensor(torch.zeros(()))
+    print(f"the added calls of one step (grad_sync, mean_over_ranks, full_tensor): "
+          f"{(time.perf_counter() - t0) / n * 1e6:.1f} µs")
     print(f"median ratio ours/before: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
           f"{args.rounds} rounds x {args.steps} steps; CPU: {cpu_model()}; {torch.get_num_threads()} threads")
 
