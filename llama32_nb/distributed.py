@@ -39,7 +39,7 @@ def fsdp_unit(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[:2]) if parts[0] == "layers" and len(parts) > 1 else "root"
 
-# %% ../nbs/18_distributed.ipynb #d9f24cb9
+# %% ../nbs/18_distributed.ipynb #91f3e578
 def held_spans(model: nn.Module, world_size: int, how: str) -> tuple[list[list[tuple[int, int]]], list]:
     """Where each rank's elements lie when the parameters are laid end to end: `spans[rank]` as `(start, length)`
     pairs, and the FSDP2 units as `(unit, start, stop)` runs."""
@@ -67,10 +67,10 @@ def plot_who_holds(model: nn.Module, world_size: int = 2):
             ax.broken_barh([(a / 1e6, n / 1e6) for a, n in sp], (r - 0.4, 0.8), color=f"C{r}")
         for u, a, b in units:
             ax.axvline(a / 1e6, color="k", lw=0.5)
-            if how == "fsdp": ax.text((a + b) / 2e6, world_size - 0.45, u.replace("layers.", "block "), ha="center",
-                                      va="bottom", fontsize=8)
+            if how == "fsdp": ax.text((a + b) / 2e6, world_size - 0.35, u.replace("layers.", "block "), ha="center",
+                                      va="top", fontsize=8)
         ax.set_yticks(range(world_size), [f"rank {r}" for r in range(world_size)])
-        ax.set_ylim(world_size - 0.4 + 0.5 * (how == "fsdp"), -0.6); ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylim(world_size - 0.4 + 0.4 * (how == "fsdp"), -0.6); ax.set_title(title, fontsize=10, loc="left")
     axes[-1].set_xlabel("parameters laid end to end (millions of elements)")
     fig.tight_layout()
     return fig
