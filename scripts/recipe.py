@@ -176,7 +176,7 @@ def stage_samples(run: Run):
     run.section("Samples", "80 new tokens per prompt from `tiny-llama/`.\n\n" + "\n".join(out))
 
 
-def stage_quantize(run: Run, qat_steps: int = 30, lora_steps: int = 20, seeds=(0, 1)):
+def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0, 1), n_new: int = 16):
     """8da4w PTQ / QAT / QAT + LoRA of the tiny Llama and its GGUF exports (F32, Q8_0, Q4_0): validation loss, size,
     decode speed; the GGUF files are written to `gguf/`."""
     import copy, math
@@ -189,7 +189,7 @@ def stage_quantize(run: Run, qat_steps: int = 30, lora_steps: int = 20, seeds=(0
     if not (src / "config.json").is_file(): src = artifacts_dir() / "tiny-llama"   # the shipped model
     base, tok = load_artifacts(src, device="cpu")
     train, val = corpus_blocks(tok, base.cfg.max_seq_len, progress=False)
-    train, val = train[:, :129], val[:32]
+    train, val = train[:, :129], val[:16]
     rows, metrics = {}, {}
     def add(name, model, size, losses):
         rows[name] = dict(bytes=size, loss=sum(losses) / len(losses), spread=max(losses) - min(losses), model=model)
@@ -220,8 +220,8 @@ def stage_quantize(run: Run, qat_steps: int = 30, lora_steps: int = 20, seeds=(0
     for _ in range(2):                                        # two interleaved rounds, best of each
         for name, r in rows.items():
             t = time.perf_counter()
-            with torch.no_grad(): r["model"].generate(prompt, max_new_tokens=32, temperature=0.0, stop_tokens=[])
-            speed[name] = max(speed.get(name, 0), 32 / (time.perf_counter() - t))
+            with torch.no_grad(): r["model"].generate(prompt, max_new_tokens=n_new, temperature=0.0, stop_tokens=[])
+            speed[name] = max(speed.get(name, 0), n_new / (time.perf_counter() - t))
     try:
         import llama_cpp
         for qt in ("F32", "Q8_0", "Q4_0"):
@@ -231,8 +231,8 @@ def stage_quantize(run: Run, qat_steps: int = 30, lora_steps: int = 20, seeds=(0
                 lm.reset(); t = time.perf_counter(); n = 0
                 for _tok in lm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
                     n += 1
-                    if n == 32: break
-                best = max(best, 32 / (time.perf_counter() - t))
+                    if n == n_new: break
+                best = max(best, n_new / (time.perf_counter() - t))
             speed[f"llama.cpp {qt}"] = best
     except ImportError: pass
     table = [[n, f"{r['bytes'] / 1e6:.2f}", round(r["loss"], 4), round(r["spread"], 4), round(math.exp(r["loss"]), 2),
@@ -249,7 +249,7 @@ per-token activations in every block linear, per-row int8 embedding/output "EO8"
 {qat_steps} steps of quantization-aware training (QAT, lr 1e-4, 4 x 128 tokens a step), and QAT followed by
 {lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone. QAT and LoRA rows are the mean over seeds
 {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with `load_gguf`. Validation loss
-on the first 32 held-out blocks. Decode speed: 32 greedy tokens with the KV cache, best of two interleaved rounds,
+on the first 16 held-out blocks. Decode speed: {n_new} greedy tokens with the KV cache, best of two interleaved rounds,
 2 threads on {cpu_model()}; our 8da4w modules *simulate* the integer arithmetic in fp32 (fake quantization), so they
 are slower than fp32 here; llama.cpp runs real Q8_0/Q4_0 kernels. Sizes are the bytes a deployed file holds.
 

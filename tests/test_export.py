@@ -128,7 +128,7 @@ def test_llama_cpp_f32_logits_and_greedy(llama_cpp, tiny, files):
     assert gen == ours_gen
 
 
-@pytest.mark.parametrize("qt, tol", [("Q8_0", 0.15), ("Q4_0", 0.3)])
+@pytest.mark.parametrize("qt, tol", [("Q8_0", 0.05), ("Q4_0", 0.05)])
 def test_llama_cpp_quantized_vs_dequantized(llama_cpp, tiny, files, qt, tol):
     tok = tiny[1]
     deq, _ = load_gguf(files[qt])                                        # our model with the file's weights
