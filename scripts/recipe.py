@@ -176,7 +176,7 @@ def stage_samples(run: Run):
     run.section("Samples", "80 new tokens per prompt from `tiny-llama/`.\n\n" + "\n".join(out))
 
 
-def stage_posttrain(run: Run, sft_steps: int = 120, seeds: tuple = (0, 1), n_eval: int = 48):
+def stage_posttrain(run: Run, sft_steps: int = 60, seeds: tuple = (0, 1), n_eval: int = 48):
     "SFT of the tiny Llama on the tool-using chat task (notebook 13), two seeds, oracle scores on held-out prompts."
     from llama32_nb.pretraining import load_artifacts
     from llama32_nb.tokenizer import ChatFormat
