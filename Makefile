@@ -37,6 +37,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_decoder.py
+	$(PY) bench/bench_posttrain.py
 
 clean-nbs: $(STAMP)
 	$(VENV)/bin/nbdev-clean && $(VENV)/bin/nbdev-export

@@ -12,7 +12,8 @@ from .core import check_int, check_number, is_int
 from .tokenizer import ChatFormat, Tokenizer
 
 # %% auto #0
-__all__ = ['check_sampling', 'sample_top_p', 'sample_next', 'kv_cache_bytes', 'KVCache', 'prompt_list', 'GenerationMixin']
+__all__ = ['check_sampling', 'sample_top_p', 'sample_next', 'kv_cache_bytes', 'KVCache', 'prompt_list', 'pad_batch',
+           'batch_prompts', 'GenerationMixin']
 
 # %% ../nbs/04_generation.ipynb #36aaaaaf
 def check_sampling(temperature, top_k, top_p):
@@ -81,6 +82,35 @@ def prompt_list(prompt_ids) -> list[int]:
     if not ids: raise ValueError("prompt_ids is empty: generation needs at least one token (e.g. BOS)")
     if not all(map(is_int, ids)): raise TypeError("prompt_ids must contain Python ints")
     return ids
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0,
+              side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    "Id lists of different lengths as one `[B, T]` tensor padded with `pad_id` on `side`, and their lengths `[B]`."
+    if side not in ("right", "left"): raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    seqs = [prompt_list(s) for s in seqs]
+    if not seqs: raise ValueError("pad_batch needs at least one sequence")
+    T = max(map(len, seqs))
+    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right": out[i, :len(s)] = torch.tensor(s)
+        else: out[i, T - len(s):] = torch.tensor(s)
+    return out, torch.tensor([len(s) for s in seqs])
+
+def batch_prompts(prompts, lengths=None, side: str = "right") -> list[list[int]]:
+    "A batch of prompts as id lists: from a list of sequences, or from a padded `[B, T]` tensor and its `lengths`."
+    if side not in ("right", "left"): raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.is_floating_point():
+            raise ValueError(f"a prompt tensor must be [B, T] integers, got {tuple(prompts.shape)} {prompts.dtype}")
+        n = [prompts.shape[1]] * len(prompts) if lengths is None else [int(x) for x in lengths]
+        if len(n) != len(prompts) or not all(1 <= x <= prompts.shape[1] for x in n):
+            raise ValueError(f"lengths must give 1..{prompts.shape[1]} tokens for each of the {len(prompts)} rows")
+        rows = prompts.tolist()
+        return [r[:k] if side == "right" else r[len(r) - k:] for r, k in zip(rows, n)]
+    if lengths is not None: raise ValueError("lengths only go with a padded prompt tensor")
+    out = [prompt_list(p) for p in prompts]
+    if not out: raise ValueError("the batch has no prompts")
+    return out
 
 class GenerationMixin:
     "`stream`, `generate` and `chat` for a causal language model (see the notebook for what the model provides)."
@@ -158,6 +188,58 @@ class GenerationMixin:
         it = self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          tokenizer=tokenizer, **kw)
         return _text_pieces(it, tokenizer) if stream else tokenizer.decode(list(it))
+
+    def generate_batch(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] | None = None,
+                       num_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
+                       tokenizer: Tokenizer | None = None, lengths=None, padding_side: str = "right",
+                       use_cache: bool = True, keep_stop: bool = False) -> list[list[int]]:
+        """New token ids for a batch: `num_samples` completions of each prompt (prompt-major: rows
+        `i * num_samples + k`), each a list ended at its own first stop token (excluded; kept with `keep_stop`).
+        `prompts`: a list of id lists, or a padded `[B, T]` tensor with its `lengths` and `padding_side`."""
+        rows = [p for p in batch_prompts(prompts, lengths, padding_side) for _ in range(check_int(num_samples,
+                                                                                                 "num_samples"))]
+        check_int(max_new_tokens, "max_new_tokens", 0)
+        check_sampling(temperature, top_k, top_p)
+        V, L = self.cfg.vocab_size, self.cfg.max_seq_len
+        if (n := max(map(len, rows))) > L: raise ValueError(f"a prompt of {n} tokens exceeds max_seq_len={L}")
+        if bad := sorted({t for r in rows for t in r if not 0 <= t < V}):
+            raise ValueError(f"prompt token ids out of range [0, {V}): {bad[:5]}")
+        stops = self.stop_ids(stop_tokens, tokenizer)
+        if generator is None and seed is not None: generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self._decode_batch(rows, max_new_tokens, temperature, top_k, top_p, stops, generator, use_cache,
+                                  keep_stop)
+
+    @torch.inference_mode()
+    def _decode_batch(self, rows, max_new, temperature, top_k, top_p, stops, generator, use_cache, keep_stop):
+        "Meta's batched loop: rows share positions; a row still in its prompt has its next prompt token forced."
+        B, L, dev = len(rows), self.cfg.max_seq_len, self.device
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        budget = torch.clamp(L + 1 - lens, max=max_new)               # new tokens each row may write
+        T = int((lens + budget).max())                                # the buffer: prompt + new tokens
+        tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows): tokens[i, :len(r)] = torch.tensor(r, device=dev)
+        in_prompt = torch.arange(T, device=dev)[None] < lens[:, None]
+        done = budget == 0
+        cache = self.new_cache(B, T - 1) if use_cache and T > 1 else None
+        prev = 0
+        for cur in range(int(lens.min()), T):
+            if bool(done.all()): break
+            if cache is not None: logits = self(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
+            else: logits = self(tokens[:, :cur], last_only=True)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            forced = in_prompt[:, cur]
+            tokens[:, cur] = torch.where(forced, tokens[:, cur], nxt)
+            new = ~forced & ~done                                     # rows that wrote a new token here
+            if stops: done |= new & torch.isin(nxt, torch.tensor(sorted(stops), device=dev))
+            done |= ~forced & (cur + 1 - lens >= budget)
+            prev = cur
+        out = []
+        for i, r in enumerate(rows):
+            gen = tokens[i, len(r):len(r) + int(budget[i])].tolist()
+            cut = next((j for j, t in enumerate(gen) if t in stops), None)
+            out.append(gen if cut is None else gen[:cut + keep_stop])
+        return out
 
     @property
     def device(self) -> torch.device: return next(self.parameters()).device

@@ -257,8 +257,39 @@ are slower than fp32 here; llama.cpp runs real Q8_0/Q4_0 kernels. Sizes are the 
 """)
 
 
+def stage_posttrain(run: Run, sft_steps: int = 60, seeds: tuple = (0, 1), n_eval: int = 48):
+    "SFT of the tiny Llama on the tool-using chat task (notebook 13), two seeds, oracle scores on held-out prompts."
+    from llama32_nb.pretraining import load_artifacts
+    from llama32_nb.tokenizer import ChatFormat
+    from llama32_nb.posttrain import make_tasks, sft_examples, sft_config, run_sft, evaluate_policy
+    p = run.out / "tiny-llama"
+    src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
+    model, tok = load_artifacts(src)
+    fmt = ChatFormat(tok)
+    held_out = make_tasks(n_eval, seed=10_000)
+    keep = ("score", "pass1", "ended", "score_calc", "score_string")
+    base = {k: v for k, v in evaluate_policy(model, fmt, held_out).items() if k in keep}
+    rows, per_seed = [["base (tiny-llama)", "-", *(round(base[k], 3) for k in keep)]], {}
+    for seed in tqdm(seeds, desc="posttrain sft", unit="seed"):
+        policy = load_artifacts(src)[0]
+        t0 = time.time()
+        tr = run_sft(policy, fmt, sft_examples(fmt, make_tasks(2000, seed=1 + seed)),
+                     sft_config(max_steps=sft_steps, seed=seed), ckpt_dir=run.out / "posttrain" / f"sft-seed{seed}")
+        ev = {k: v for k, v in evaluate_policy(policy, fmt, held_out).items() if k in keep}
+        per_seed[seed] = dict(**ev, final_loss=tr.history["loss"][-1], seconds=round(time.time() - t0, 1))
+        rows.append([f"SFT seed {seed}", sft_steps, *(round(ev[k], 3) for k in keep)])
+    run.metrics["posttrain"] = dict(base=base, sft=per_seed, sft_steps=sft_steps, held_out=n_eval)
+    run.section("Post-training (SFT on the tool-using chat task)", f"""
+Greedy episodes on {n_eval} held-out prompts (notebook 13's task family: calculator delegation and string rewriting);
+oracle score in [0, 1], pass@1 = score exactly 1, ended = final message closed by `<|eot_id|>`. SFT trains on assistant
+tokens only; checkpoints in `posttrain/` (a stopped run resumes exactly).
+
+{md_table(["model", "SFT steps", *keep], rows)}
+""")
+
+
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
-          "quantize": stage_quantize}
+          "quantize": stage_quantize, "posttrain": stage_posttrain}
 
 
 def main(argv=None):
