@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps torchtune==0.6.1
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,6 +28,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_decoder.py
+	$(PY) bench/bench_distill.py
 
 clean-nbs: $(STAMP)
 	$(VENV)/bin/nbdev-clean && $(VENV)/bin/nbdev-export
