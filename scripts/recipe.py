@@ -232,8 +232,8 @@ def stage_distill(run: Run):
     from llama32_nb.distill import distill_experiment, summarize, headline, plot_experiment, criteria_retraining
     teacher, tok = _load_teacher(run)
     train, val = corpus_blocks(tok, teacher.cfg.max_seq_len, progress=False)
-    calib, val = train[:64, :-1], val[:32]
-    steps, seeds, retrain = 48, (0, 1), 16
+    calib, val = train[:64, :-1], val[:16]
+    steps, seeds, retrain = 24, (0, 1), 8
     arms = ["scratch CE", "scratch KD", "pruned CE", "pruned KD"]
     bar = tqdm(total=len(arms) * len(seeds) + 1, desc="distill", unit="run")
     t0 = time.time()
@@ -249,7 +249,7 @@ def stage_distill(run: Run):
     ratio = (f"{head['ratio']:.1f}×" if head["exact"] else f"≥ {head['ratio']:.1f}× (reached at the first evaluation)")
     tokens = res["runs"]["scratch CE"][0]["tokens"][-1]
     run.section("Distill", f"""
-Teacher: the pretraining stage's tiny Llama (validation loss {res['teacher_val']:.3f} on 32 held-out blocks), pruned
+Teacher: the pretraining stage's tiny Llama (validation loss {res['teacher_val']:.3f} on 16 held-out blocks), pruned
 to hidden 128 / SwiGLU 384 (all
 heads and blocks kept; activation importance, L2/mean), then trained {steps} steps × 8 × 256 tokens
 ({tokens:,} tokens) with KD (forward KL, τ = 1, logits only) or CE; the same shape from scratch for comparison.
