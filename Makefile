@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps torchao==0.18.0
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
+	$(PY) -m pip install -q --no-deps torchtune==0.6.1
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_decoder.py
 	$(PY) bench/bench_posttrain.py
+	$(PY) bench/bench_distill.py
 
 clean-nbs: $(STAMP)
 	$(VENV)/bin/nbdev-clean && $(VENV)/bin/nbdev-export

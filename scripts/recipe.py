@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from tqdm.auto import tqdm
 
 from llama32_nb.core import cpu_model, data_dir, set_seed, set_threads
@@ -175,6 +176,12 @@ def stage_samples(run: Run):
     run.metrics["samples"] = samples
     run.section("Samples", "80 new tokens per prompt from `tiny-llama/`.\n\n" + "\n".join(out))
 
+# ---------------------------------------------------------------------------------------------------
+def _load_teacher(run: Run):
+    from llama32_nb.pretraining import load_artifacts
+    p = run.out / "tiny-llama"           # the teacher of the miniature: the pretraining stage's tiny Llama
+    if not (p / "config.json").is_file(): raise SystemExit(f"{p} is missing: run the pretraining stage first")
+    return load_artifacts(p)
 
 def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0, 1), n_new: int = 16):
     """8da4w PTQ / QAT / QAT + LoRA of the tiny Llama and its GGUF exports (F32, Q8_0, Q4_0): validation loss, size,
@@ -288,8 +295,95 @@ tokens only; checkpoints in `posttrain/` (a stopped run resumes exactly).
 """)
 
 
+
+def stage_prune(run: Run):
+    "Minitron importance on the teacher (heads, neurons, channels, blocks) and the loss right after pruning per criterion."
+    import torch
+    from llama32_nb.pretraining import corpus_blocks, evaluate
+    from llama32_nb.pruning import activation_importance, drop_loss_importance, criteria_table
+    teacher, tok = _load_teacher(run)
+    train, val = corpus_blocks(tok, teacher.cfg.max_seq_len, progress=False)
+    calib, val = train[:64, :-1], val[:32]
+    bar = tqdm(total=3, desc="prune", unit="part")
+    imp = activation_importance(teacher, calib); bar.update()
+    drop = drop_loss_importance(teacher, calib[:32]); bar.update()
+    c = teacher.cfg
+    targets = {"FFN 1/2": dict(ffn_dim=c.ffn_dim // 2), "heads 1/2": dict(n_heads=c.n_heads // 2),
+               "hidden 1/2": dict(dim=c.dim // 2), "depth 1/2": dict(n_layers=c.n_layers // 2),
+               "student (hidden 1/2, FFN 1/2)": dict(dim=c.dim // 2, ffn_dim=c.ffn_dim // 2)}
+    table = criteria_table(teacher, calib[:32], val, targets); bar.update(); bar.close()
+    base = evaluate(teacher, val, 16)
+    cols = list(next(iter(table.values())))
+    run.metrics["prune"] = dict(unpruned_val_loss=base, after_pruning=table, block_importance=imp["blocks"].tolist(),
+                                drop_loss=drop.tolist())
+    fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
+    hm = axs[0].imshow(imp["heads"]["l2_mean"], cmap="viridis", aspect="auto"); fig.colorbar(hm, ax=axs[0])
+    axs[0].set_xlabel("query head"); axs[0].set_ylabel("layer"); axs[0].set_title("head importance (L2, mean)")
+    for i, sc in enumerate(imp["neurons"]["l2_mean"]):
+        axs[1].hist(sc.numpy(), bins=60, histtype="step", label=f"layer {i}")
+    axs[1].set_yscale("log"); axs[1].legend(fontsize=7); axs[1].set_title("FFN neuron importance")
+    x = np.arange(c.n_layers)
+    axs[2].bar(x - 0.2, imp["blocks"], 0.4, label="1 − cos"); axs[2].bar(x + 0.2, drop, 0.4, label="drop loss")
+    axs[2].set_xlabel("block"); axs[2].legend(); axs[2].set_title("depth importance")
+    run.section("Prune", f"""
+Minitron activation importance of the teacher on 64 calibration sequences (forward hooks: head output norms, FFN
+activations, RMSNorm outputs, block input/output cosine), and the validation loss (32 held-out blocks; unpruned
+{base:.3f}) right after pruning to each target by each criterion, before any retraining.
+
+{md_table(["target"] + cols, [[k] + [round(v, 3) for v in r.values()] for k, r in table.items()])}
+{run.figure(fig, "prune_importance.png", "Importance of heads per layer, of FFN neurons (one curve per layer), and of "
+            "each block by the two depth criteria.")}
+""")
+    return table
+
+
+def stage_distill(run: Run):
+    """The Minitron experiment in miniature: the teacher (the tiny Llama) pruned to the student's shape then distilled, vs the same shape
+    from scratch, with CE and with KD, on the same tokens, 2 seeds; and the criteria after short KD retraining."""
+    from llama32_nb.pretraining import corpus_blocks
+    from llama32_nb.distill import distill_experiment, summarize, headline, plot_experiment, criteria_retraining
+    teacher, tok = _load_teacher(run)
+    train, val = corpus_blocks(tok, teacher.cfg.max_seq_len, progress=False)
+    calib, val = train[:64, :-1], val[:16]
+    steps, seeds, retrain = 24, (0, 1), 8
+    arms = ["scratch CE", "scratch KD", "pruned CE", "pruned KD"]
+    bar = tqdm(total=len(arms) * len(seeds) + 1, desc="distill", unit="run")
+    t0 = time.time()
+    res = distill_experiment(teacher, train, val, calib, steps=steps, seeds=seeds, progress=lambda *a: bar.update())
+    crit = criteria_retraining(teacher, train, val, calib, steps=retrain); bar.update(); bar.close()
+    summ, head = summarize(res), headline(res)
+    run.metrics["distill"] = dict(summary=summ, headline=head, criteria=crit, teacher_val=res["teacher_val"],
+                                  steps=steps, seeds=list(seeds), seconds=round(time.time() - t0, 1),
+                                  runs=res["runs"])
+    gap = summ["scratch CE"]["final"] - summ["pruned KD"]["final"]
+    rows = [[n, round(s["start"], 3), round(s["final"], 3), round(s["spread"], 3)] for n, s in summ.items()]
+    crows = [[n, round(r["pruned"], 3), round(r["retrained"], 3)] for n, r in crit.items()]
+    ratio = (f"{head['ratio']:.1f}×" if head["exact"] else f"≥ {head['ratio']:.1f}× (reached at the first evaluation)")
+    tokens = res["runs"]["scratch CE"][0]["tokens"][-1]
+    run.section("Distill", f"""
+Teacher: the pretraining stage's tiny Llama (validation loss {res['teacher_val']:.3f} on 16 held-out blocks), pruned
+to hidden 128 / SwiGLU 384 (all
+heads and blocks kept; activation importance, L2/mean), then trained {steps} steps × 8 × 256 tokens
+({tokens:,} tokens) with KD (forward KL, τ = 1, logits only) or CE; the same shape from scratch for comparison.
+Seeds {list(seeds)} (data order, and the scratch initialisation); "spread" is max − min over the seeds.
+
+{md_table(["arm", "loss at step 0", "final loss", "spread"], rows)}
+**Headline:** prune + KD reaches the from-scratch CE student's final loss ({head['target']:.3f}) after
+{head['tokens_needed']:,.0f} tokens, {ratio} fewer than the {head['budget']:,} the scratch student used; at the end it is
+{gap:.3f} nats better.
+
+{run.figure(plot_experiment(res), "distill_curves.png", "Validation loss vs training tokens (log axis), mean and "
+            "min–max over seeds; the teacher as the dotted line.")}
+Criteria, each pruned student retrained {retrain} KD steps (seed 0):
+
+{md_table(["criterion", "right after pruning", f"after {retrain} KD steps"], crows)}
+""")
+    return res
+
+
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
-          "quantize": stage_quantize, "posttrain": stage_posttrain}
+          "prune": stage_prune, "distill": stage_distill, "posttrain": stage_posttrain,
+          "quantize": stage_quantize}
 
 
 def main(argv=None):
