@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps fairscale==0.4.13   # Meta reference (tests/test_vision.py)
 	@touch $(STAMP)
 
 setup: $(STAMP)
