@@ -336,6 +336,10 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'llama32_nb.vision.ImageTransform.batch': ('vision.html#imagetransform.batch', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.ImageTransform.canvas': ('vision.html#imagetransform.canvas', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.ImageTransform.plan': ('vision.html#imagetransform.plan', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.SplitMaskSDPA': ('vision.html#splitmasksdpa', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.SplitMaskSDPA.encoder_structure': ( 'vision.html#splitmasksdpa.encoder_structure',
+                                                                                          'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.SplitMaskSDPA.forward': ('vision.html#splitmasksdpa.forward', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.TileEmbedding': ('vision.html#tileembedding', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.TileEmbedding.__init__': ( 'vision.html#tileembedding.__init__',
                                                                                  'llama32_nb/vision.py'),
@@ -407,5 +411,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'llama32_nb.vision.tiles_to_ids': ('vision.html#tiles_to_ids', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.to_hf_vision': ('vision.html#to_hf_vision', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.to_rgb': ('vision.html#to_rgb', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.use_split_attention': ('vision.html#use_split_attention', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.vision_param_breakdown': ( 'vision.html#vision_param_breakdown',
                                                                                  'llama32_nb/vision.py')}}}

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from llama32_nb.checkpoint import CheckpointError
-from llama32_nb.vision import (CLIP_MEAN, CLIP_STD, META_PREFIX, ImageError, ImageTransform, VisionConfig,
-                               VisionEncoder, collate_images, load_image, meta_vision_name, plan_tiles,
-                               synthetic_image, tile_layouts, to_hf_vision)
+from llama32_nb.kernels import SDPA
+from llama32_nb.vision import (CLIP_MEAN, CLIP_STD, META_PREFIX, ImageError, ImageTransform, SplitMaskSDPA,
+                               VisionConfig, VisionEncoder, collate_images, load_image, meta_vision_name, plan_tiles,
+                               synthetic_image, tile_layouts, to_hf_vision, use_split_attention)
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
@@ -177,7 +178,8 @@ def randomize(model, seed):
             if "gate" in name: p.copy_(torch.rand(p.shape, generator=g) * 1.4 - 0.5)
             elif p.dim() == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else: p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1) / max(1, p.shape[-1]) ** .25)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1) / max(1, p.shape[-1]) ** .25)
     return model
 
 
@@ -225,8 +227,8 @@ def meta_encoder(mod, cfg):
     return m.eval()
 
 
-def ours_from_meta(meta, cfg, hf_compat=False):
-    ours = VisionEncoder(cfg, hf_compat=hf_compat).eval()
+def ours_from_meta(meta, cfg, hf_compat=False, fast=True):
+    ours = VisionEncoder(cfg, hf_compat=hf_compat, fast=fast).eval()
     msd = meta.state_dict()
     ours.load_state_dict({k: msd[meta_vision_name(k)].reshape(v.shape) for k, v in ours.state_dict().items()})
     return ours
@@ -244,6 +246,8 @@ def test_meta_parity_every_layout(meta_model_module, name):
     d = (got - ref).abs().max().item()
     assert d <= 1e-4, d
     assert ref.abs().mean() > 0.1                                   # not a trivially small output
+    with torch.no_grad(): plain = ours_from_meta(meta, cfg, fast=False)(px, ar)   # the plain masked attention
+    assert (plain - ref).abs().max() <= 1e-4
     for i, (r, c) in enumerate(LAYOUTS):                            # each layout alone, as one image
         with torch.no_grad():
             one, ref1 = ours(px.view(8, 1, *px.shape[2:])[i:i + 1], ar.view(8, 1, 2)[i:i + 1]), \
@@ -382,3 +386,26 @@ def test_real_encoder_shape_on_meta_device():
         enc = VisionEncoder(cfg)
         out = enc(torch.zeros(1, 1, 4, 3, 560, 560), ar)
     assert enc.num_params() == 822_530_579 and out.shape == (1, 1, 4, 1601, 7680)
+
+
+def test_speed_layer_is_a_module_swap_with_hooks():
+    cfg = TINY["w32"]
+    enc = randomize(VisionEncoder(cfg, fast=False), seed=11)
+    assert not any(isinstance(m, SplitMaskSDPA) for m in enc.modules())
+    calls = []
+    enc.layers[0].self_attn.attn.register_forward_hook(lambda *a: calls.append(1))
+    px, ar = inputs(cfg, seed=12)
+    with torch.no_grad():
+        plain = enc(px, ar)
+        use_split_attention(enc)
+        assert isinstance(enc.layers[0].self_attn.attn, SplitMaskSDPA)
+        fast = enc(px, ar)
+    assert calls == [1, 1] and (fast - plain).abs().max() <= 1e-5
+    use_split_attention(enc, enable=False)
+    assert all(type(m) is not SplitMaskSDPA for m in enc.modules()) and isinstance(enc.layers[0].self_attn.attn, SDPA)
+    x = torch.randn(1, 2, 8, 4, requires_grad=True)                   # differentiable like the masked call
+    m = torch.zeros(1, 1, 8, 8); m[..., 6:, 6:] = torch.finfo(torch.float32).min
+    SplitMaskSDPA()(x, x, x, m).sum().backward()
+    g = x.grad.clone(); x.grad = None
+    SDPA()(x, x, x, m).sum().backward()
+    assert torch.allclose(g, x.grad, atol=1e-5)
