@@ -43,20 +43,20 @@ def rss() -> int:
     with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_extra_memory(fn, device) -> int:
-    "Peak memory above the level before `fn()` (bytes)."
+def peak_extra_memory(fn, device):
+    "`(fn(), peak memory above the level before the call in bytes)`."
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-        fn(); torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        out = fn(); torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
     base, peak, stop = rss(), [0], threading.Event()
     def sample():
         while not stop.is_set(): peak[0] = max(peak[0], rss()); time.sleep(0.002)
     t = threading.Thread(target=sample); t.start()
-    try: fn()
+    try: out = fn()
     finally: stop.set(); t.join()
-    return max(peak[0], rss()) - base
+    return out, max(peak[0], rss()) - base
 
 
 def timed(fn, device) -> float:
@@ -85,11 +85,11 @@ def bench_cell(cfg, dtype, layout, rounds, device):
                  aspect_ratio_mask=(torch.arange(cfg.max_tiles, device=device) < r * c).long().view(1, 1, -1))
     run_ours = lambda: ours(px, ar)
     run_hf = lambda: hf(**hf_in).last_hidden_state
-    a, b = run_ours(), run_hf()                                    # warm-up, and the two agree (hf_compat aside)
-    D = cfg.width
+    a, mem_ours = peak_extra_memory(run_ours, device)               # also the warm-up of each
+    b, mem_hf = peak_extra_memory(run_hf, device)
+    D = cfg.width                                                    # the global outputs agree (hf_compat aside)
     diff = (a[..., :D].float() - b[..., :D].float()).abs().max().item()
     del a, b
-    mem_ours, mem_hf = peak_extra_memory(run_ours, device), peak_extra_memory(run_hf, device)
     t_ours, t_hf = [], []
     for i in range(rounds):                                          # interleaved, alternating who goes first
         for fn, ts in ((run_ours, t_ours), (run_hf, t_hf))[:: 1 if i % 2 == 0 else -1]: ts.append(timed(fn, device))
