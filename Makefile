@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps torchao==0.18.0
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(PY) -m pip install -q --no-deps torchtune==0.6.1
+	$(PY) -m pip install -q --no-deps fairscale==0.4.13   # Meta reference (tests/test_vision.py)
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,7 +4,7 @@
 Each stage reads what earlier stages wrote into the run folder and writes its own artifacts, figures and a
 section of `report.md`, with a progress bar. The stages are the keys of `STAGES` below: tokenizer (train our BPE on
 the corpus, compare compression with the real Llama 3 vocabulary), pretraining (the tiny Llama), samples (text from
-it). Later components add one stage each.
+it), vision (Llama 3.2 Vision tiling, a tiny encoder). Later components add one stage each.
 
     python scripts/recipe.py [--out runs/NAME] [--stages tokenizer,...] [--ship]
 """
@@ -381,9 +381,54 @@ Criteria, each pruned student retrained {retrain} KD steps (seed 0):
     return res
 
 
+def stage_vision(run: Run):
+    """Llama 3.2 Vision preprocessing on the shipped photo and synthetic images (layouts, resizes, HF ids), and a tiny
+    random encoder on the batch: output shape, and how far Meta's intermediate features sit from transformers 5.23's."""
+    import matplotlib.cbook as cbook
+    import torch
+    from llama32_nb.vision import ImageTransform, VisionConfig, VisionEncoder, load_image, synthetic_image, tile_layouts
+    tf, rows, ids = ImageTransform(), [], {rc: i + 1 for i, rc in enumerate(tile_layouts())}
+    images = {"grace_hopper.jpg": load_image(cbook.get_sample_data("grace_hopper.jpg").read())}
+    for w, h in tqdm([(300, 200), (1920, 1080), (4000, 3000), (2000, 300), (1, 20000)], desc="vision", unit="image"):
+        images[f"synthetic {w}×{h}"] = synthetic_image(w, h)
+    for name, im in images.items():
+        p = tf.plan(im)
+        rows.append([name, f"{im.size[0]}×{im.size[1]}", str(p.layout), f"{p.resized[0]}×{p.resized[1]}",
+                     ids[p.layout]])
+    fig, axs = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, name in zip(axs, ["grace_hopper.jpg", "synthetic 1920×1080", "synthetic 2000×300"]):
+        canvas, p = tf.canvas(images[name])
+        ax.imshow(canvas); ax.set_title(f"{name} → {p.layout}", fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+        for i in range(1, p.layout[0]): ax.axhline(i * tf.size, color="yellow")
+        for j in range(1, p.layout[1]): ax.axvline(j * tf.size, color="yellow")
+    figmd = run.figure(fig, "vision_tiles.png", "Tile canvases (yellow: tile borders; black: padding, -mean/std "
+                       "after normalisation).")
+    cfg = VisionConfig.tiny(image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    enc = VisionEncoder(cfg).eval()
+    with torch.no_grad():
+        for n, prm in enc.named_parameters():
+            if "gate" in n: prm.fill_(0.5)
+    small = ImageTransform(size=cfg.image_size)
+    batch = small.batch([[images["grace_hopper.jpg"]], [images["synthetic 2000×300"]]])
+    with torch.no_grad():
+        meta = enc(batch["pixel_values"], batch["aspect_ratios"])
+        enc.hf_compat = True
+        hf = enc(batch["pixel_values"], batch["aspect_ratios"])
+    D = cfg.width
+    d_glob, d_int = (meta[..., :D] - hf[..., :D]).abs().max().item(), (meta[..., D:] - hf[..., D:]).abs().max().item()
+    run.metrics["vision"] = dict(plans=rows, tiny_output_shape=list(meta.shape), max_diff_global=d_glob,
+                                 max_diff_intermediate=d_int)
+    run.section("Vision preprocessing and encoder", md_table(["image", "size", "layout", "resized", "HF id"], rows)
+                + "\n" + figmd + f"\nA tiny random encoder ({cfg.image_size}-px tiles, width {D}) on the two-sample "
+                f"batch gives features {list(meta.shape)}. Meta's intermediate features (inputs of the chosen "
+                f"layers) vs transformers 5.23's (their outputs): global part max |Δ| = {d_glob:.1e}, intermediate "
+                f"part max |Δ| = {d_int:.2f}.\n")
+
+
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
-          "prune": stage_prune, "distill": stage_distill, "posttrain": stage_posttrain,
-          "quantize": stage_quantize}
+          "vision": stage_vision, "prune": stage_prune, "distill": stage_distill,
+          "posttrain": stage_posttrain, "quantize": stage_quantize}
 
 
 def main(argv=None):
