@@ -57,7 +57,8 @@ def kd_ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targe
 
 # %% ../nbs/12_distill.ipynb #377928c5
 class Distiller(nn.Module):
-    """A student trained against a frozen teacher: `loss` is `(1 − α)·CE + α·KD` in training mode and the student's
+    """A student trained against a frozen teacher: `loss` is `(1 − α)·CE + α·KD` in training mode and the
+    student's
     next-token loss in eval mode; `forward` is the student's."""
     def __init__(self, student: Llama, teacher: Llama, alpha: float = 1.0, temperature: float = 1.0):
         super().__init__()
@@ -145,7 +146,8 @@ def distill_experiment(teacher: Llama, train: torch.Tensor, val: torch.Tensor, c
     for name, (init, alpha) in arms.items():
         for seed in seeds:
             set_seed(seed)
-            s = Llama(pruned.cfg, fast=pruned.fast).to(pruned.device) if init == "scratch" else prune(teacher, calib, **shape)
+            s = (Llama(pruned.cfg, fast=pruned.fast).to(pruned.device) if init == "scratch"
+                 else prune(teacher, calib, **shape))
             out["runs"].setdefault(name, []).append(train_student(s, teacher, train, val, steps, seed, alpha,
                                                                   batch_size, lr))
             if progress: progress(name, seed)

@@ -21,7 +21,7 @@ __all__ = ['dpo_loss', 'dpo_mask', 'sequence_logps', 'preference_batch', 'refere
 # %% ../nbs/14_dpo.ipynb #9992b09d
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Per-pair sigmoid DPO losses `[B]` on summed log-probs, and the implicit rewards β·(log π − log π_ref) `[B]` each."
+    "Per-pair sigmoid DPO losses `[B]` on summed log-probs, and the implicit rewards β·(log π − log π_ref) `[B]`."
     check_number(beta, "beta", 0)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps

@@ -310,7 +310,7 @@ def fraction_targets(model: Llama, ffn: float = 1.0, heads: float = 1.0, hidden:
                 n_layers=keep(depth, c.n_layers))
 
 def prune_report(model: Llama, scores: dict, val: torch.Tensor, agg: str = "l2_mean", **fractions) -> dict:
-    "Prune `model` by `fractions` (see `fraction_targets`) with precomputed `scores`: the new model, config, size, loss."
+    "Prune `model` by `fractions` (see `fraction_targets`) with precomputed `scores`: new model, config, size, loss."
     t = fraction_targets(model, **fractions)
     small = prune(model, None, **t, scores=scores, agg=agg)
     return dict(model=small, config=small.cfg, targets=t, params=small.num_params(), val_loss=evaluate(small, val, 16))

@@ -297,7 +297,7 @@ tokens only; checkpoints in `posttrain/` (a stopped run resumes exactly).
 
 
 def stage_prune(run: Run):
-    "Minitron importance on the teacher (heads, neurons, channels, blocks) and the loss right after pruning per criterion."
+    "Minitron importance on the teacher (heads, neurons, channels, blocks); the loss right after pruning, per criterion."
     import torch
     from llama32_nb.pretraining import corpus_blocks, evaluate
     from llama32_nb.pruning import activation_importance, drop_loss_importance, criteria_table

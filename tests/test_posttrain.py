@@ -1,4 +1,5 @@
-"""Tests for llama32_nb.posttrain: the task family, the calculator and tool calls (security), SFT masking token by token,
+"""Tests for llama32_nb.posttrain: the task family, the calculator and tool calls (security), SFT masking token by
+token,
 batched generation, the reward model against TRL's RewardTrainer, best-of-N curves, exact resume."""
 import builtins, itertools, json, math, random
 import pytest
