@@ -83,6 +83,9 @@ def main():
         results[par]["held"] = held
     if rank == 0: (args.out / "results.json").write_text(json.dumps(results))
     (args.out / f"writes.rank{rank}.json").write_text(json.dumps(log[:]))  # the log before this last write
+    # Leave the group explicitly: a gloo group still alive at interpreter exit can abort the process
+    # ("terminate called without an active exception") and fail a launch that did all its work.
+    torch.distributed.barrier(); torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
