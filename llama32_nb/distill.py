@@ -8,6 +8,7 @@ the teacher, then distill, against training the student from scratch on the same
 from __future__ import annotations
 import math
 from dataclasses import asdict
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn

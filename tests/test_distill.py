@@ -11,7 +11,8 @@ from llama32_nb.core import set_seed
 from llama32_nb.decoder import Llama, LlamaConfig
 from llama32_nb.pretraining import TrainConfig, Trainer, pack_blocks, split_blocks
 from llama32_nb.distill import (kd_loss, kd_ce_loss, topk_logits, kd_loss_topk, Distiller, log_steps,
-                                tokens_to_reach, headline, summarize, train_student, distill_experiment)
+                                tokens_to_reach, headline, summarize, train_student, distill_experiment,
+                                plot_experiment)
 
 torch.set_num_threads(2)
 V = 61
@@ -173,3 +174,5 @@ def test_experiment_bookkeeping(blocks):
     assert s["scratch CE"]["seeds"] == 2 and s["scratch CE"]["spread"] >= 0
     h = headline(res)
     assert h["budget"] == 192 and h["ratio"] == pytest.approx(192 / h["tokens_needed"])
+    fig = plot_experiment(res)                     # the recipe's figure, from the module alone (imports included)
+    assert len(fig.axes[0].get_lines()) == 5       # four arms and the teacher
