@@ -681,6 +681,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'llama32_nb.vision.VisionMLP': ('vision.html#visionmlp', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.VisionMLP.__init__': ('vision.html#visionmlp.__init__', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.VisionMLP.forward': ('vision.html#visionmlp.forward', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision._choose_unmasked': ('vision.html#_choose_unmasked', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.best_layout': ('vision.html#best_layout', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.canvas_scales': ('vision.html#canvas_scales', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.check_image_size': ('vision.html#check_image_size', 'llama32_nb/vision.py'),
@@ -692,6 +693,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'llama32_nb.vision.hf_vision_name': ('vision.html#hf_vision_name', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.ids_to_tiles': ('vision.html#ids_to_tiles', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.load_image': ('vision.html#load_image', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.matmul_attention': ('vision.html#matmul_attention', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.meta_vision_name': ('vision.html#meta_vision_name', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.patchify': ('vision.html#patchify', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.plan_tiles': ('vision.html#plan_tiles', 'llama32_nb/vision.py'),
@@ -706,6 +708,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'llama32_nb.vision.tiles_to_ids': ('vision.html#tiles_to_ids', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.to_hf_vision': ('vision.html#to_hf_vision', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.to_rgb': ('vision.html#to_rgb', 'llama32_nb/vision.py'),
+                                   'llama32_nb.vision.unmasked_attention': ('vision.html#unmasked_attention', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.use_split_attention': ('vision.html#use_split_attention', 'llama32_nb/vision.py'),
                                    'llama32_nb.vision.vision_param_breakdown': ( 'vision.html#vision_param_breakdown',
                                                                                  'llama32_nb/vision.py')}}}

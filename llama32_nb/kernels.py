@@ -148,15 +148,23 @@ class _Linear(torch.autograd.Function):
 # %% ../nbs/06_kernels.ipynb #8cac1040
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     "`F.linear(x, weight, bias)` on the kernel measured fastest for this kind of product (see `KERNEL_CHOICES`)."
-    if (bias is not None or x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() == 0 or x.numel() == 0
-            or x.shape[-1] != weight.shape[1] or not weight.is_contiguous() or torch.is_autocast_enabled("cpu")):
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad))
+    if (x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() == 0 or x.numel() == 0
+            or x.shape[-1] != weight.shape[1] or not weight.is_contiguous() or torch.is_autocast_enabled("cpu")
+            or (bias is not None and (grad or bias.dtype != weight.dtype or bias.device != weight.device))):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if grad:
         forward, grad_x = training_kernels(x2, weight)
         if forward == grad_x == "F.linear": return F.linear(x, weight)
         y = _Linear.apply(x2, weight, forward, grad_x)
-    else: y = KERNELS[inference_kernel(x2, weight)](x2, weight)
+    else:
+        name = inference_kernel(x2, weight)
+        if bias is None: y = KERNELS[name](x2, weight)
+        elif name == "F.linear": y = F.linear(x2, weight, bias)                 # the bias fused into the product
+        elif name == "onednn": y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        else: y = KERNELS[name](x2, weight).add_(bias)                         # in place: a fresh output
     return y.view(*x.shape[:-1], weight.shape[0])
 
 class FastLinear(nn.Linear):

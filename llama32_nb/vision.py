@@ -17,16 +17,16 @@ from PIL import Image, UnidentifiedImageError
 from .core import check_int, check_number
 from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
                                    resolve_dtype, write_safetensors_dir)
-from .kernels import SDPA
+from .kernels import SDPA, _rows, pick, time_kernels, use_fast_kernels
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'MAX_PIXELS', 'META_PREFIX', 'tile_layouts', 'canvas_scales', 'best_layout', 'resized_size',
-           'TilePlan', 'plan_tiles', 'ImageError', 'check_image_size', 'to_rgb', 'decode', 'load_image', 'split_tiles',
-           'ImageTransform', 'collate_images', 'synthetic_image', 'patchify', 'VisionConfig', 'tile_valid',
-           'tile_table_lookup', 'TileEmbedding', 'encoder_mask', 'VisionAttention', 'VisionMLP', 'VisionBlock',
-           'SplitMaskSDPA', 'use_split_attention', 'VisionEncoder', 'vision_param_breakdown', 'hf_vision_name',
-           'meta_vision_name', 'tiles_to_ids', 'ids_to_tiles', 'to_hf_vision', 'expected_vision_shapes',
-           'read_hf_vision', 'read_meta_vision']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'MAX_PIXELS', 'VISION_KERNEL_CHOICES', 'META_PREFIX', 'tile_layouts', 'canvas_scales',
+           'best_layout', 'resized_size', 'TilePlan', 'plan_tiles', 'ImageError', 'check_image_size', 'to_rgb',
+           'decode', 'load_image', 'split_tiles', 'ImageTransform', 'collate_images', 'synthetic_image', 'patchify',
+           'VisionConfig', 'tile_valid', 'tile_table_lookup', 'TileEmbedding', 'encoder_mask', 'VisionAttention',
+           'VisionMLP', 'VisionBlock', 'matmul_attention', 'unmasked_attention', 'SplitMaskSDPA', 'use_split_attention',
+           'VisionEncoder', 'vision_param_breakdown', 'hf_vision_name', 'meta_vision_name', 'tiles_to_ids',
+           'ids_to_tiles', 'to_hf_vision', 'expected_vision_shapes', 'read_hf_vision', 'read_meta_vision']
 
 # %% ../nbs/09_vision.ipynb #659b1d90
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # per-channel normalisation of the CLIP-style encoder
@@ -359,10 +359,51 @@ class VisionBlock(nn.Module):
         h = f(self.post_attention_layernorm(x))
         return x + (self.gate_ffn.tanh() * h if self.gated else h)
 
+# %% ../nbs/09_vision.ipynb #2de10b97
+VISION_KERNEL_CHOICES: dict[tuple, dict] = {}
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Unmasked `softmax(q k^T / sqrt(hd)) v` for `q [B, H, T, hd]`, `k, v [B, H, S, hd]`: one head and `block` query
+    rows at a time, both products on oneDNN's matmul (scores in the input dtype, the softmax in fp32)."""
+    lin = torch.ops.mkldnn._linear_pointwise
+    B, H, T, hd = q.shape
+    out, qs = q.new_empty(B, H, T, v.shape[-1]), q * hd ** -0.5
+    for b in range(B):
+        for h in range(H):
+            kh, vt = k[b, h].contiguous(), v[b, h].t().contiguous()
+            for r in range(0, T, block):
+                s = lin(qs[b, h, r:r + block].contiguous(), kh, None, "none", [], "")
+                out[b, h, r:r + block] = lin(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), vt, None,
+                                             "none", [], "")
+    return out
+
+def _choose_unmasked(q, k, v) -> dict:
+    ref = F.scaled_dot_product_attention(q, k, v)
+    fns = {"F.sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    try:
+        y, tol = matmul_attention(q, k, v), 1e-4 if q.dtype == torch.float32 else 2e-2
+        if torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max().clamp_min(1e-6))):
+            fns["matmul"] = lambda: matmul_attention(q, k, v)
+    except RuntimeError: pass                                  # no oneDNN in this build, or not for this dtype
+    times = time_kernels(fns, budget=0.25)
+    return dict(choice=pick(times, reference="F.sdpa"), times=times)
+
+def unmasked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    "`F.scaled_dot_product_attention(q, k, v)` on the kernel measured fastest for this kind of call (see above)."
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if (q.device.type != "cpu" or q.dim() != 4 or k.shape[:2] != q.shape[:2] or q.shape[-2] < 256 or grad
+            or torch.is_autocast_enabled("cpu")):
+        return F.scaled_dot_product_attention(q, k, v)
+    key = (q.dtype, *q.shape[:2], q.shape[-1], _rows(q.shape[-2]), _rows(k.shape[-2]), torch.get_num_threads())
+    if key not in VISION_KERNEL_CHOICES: VISION_KERNEL_CHOICES[key] = _choose_unmasked(q, k, v)
+    if VISION_KERNEL_CHOICES[key]["choice"] == "matmul": return matmul_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
 # %% ../nbs/09_vision.ipynb #0412682f
 class SplitMaskSDPA(SDPA):
     """`SDPA` for the encoder's mask (a pair is blocked iff both tokens are invalid): valid queries attend to all keys,
-    invalid queries to the valid keys, both unmasked. Any other mask gets the plain masked call."""
+    invalid queries to the valid keys, both unmasked (`unmasked_attention`). Any other mask gets the plain masked
+    call."""
     _checked = None                                   # (weak reference to the last mask checked, its version)
 
     def encoder_structure(self, mask: torch.Tensor) -> torch.Tensor | None:
@@ -372,7 +413,9 @@ class SplitMaskSDPA(SDPA):
         invalid = mask[:, 0].diagonal(dim1=-2, dim2=-1) < 0
         version = -1 if mask.is_inference() else mask._version            # inference tensors keep no version count
         if self._checked is None or self._checked[0]() is not mask or self._checked[1] != version:
-            if not torch.equal(mask[:, 0] < 0, invalid[:, :, None] & invalid[:, None, :]): return None
+            for r in range(0, mask.shape[-2], 512):                         # in row blocks: little extra memory
+                if not torch.equal(mask[:, 0, r:r + 512] < 0, invalid[:, r:r + 512, None] & invalid[:, None, :]):
+                    return None
             self._checked = (weakref.ref(mask), version)
         return invalid
 
@@ -383,8 +426,8 @@ class SplitMaskSDPA(SDPA):
         for b in range(q.shape[0]):
             iv, vi = invalid[b].nonzero().squeeze(1), (~invalid[b]).nonzero().squeeze(1)
             qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
-            ov = F.scaled_dot_product_attention(qb[:, :, vi], kb, vb)
-            oi = F.scaled_dot_product_attention(qb[:, :, iv], kb[:, :, vi], vb[:, :, vi])
+            ov = unmasked_attention(qb[:, :, vi], kb, vb)
+            oi = unmasked_attention(qb[:, :, iv], kb[:, :, vi], vb[:, :, vi])
             outs.append(torch.empty_like(qb).index_copy(2, vi, ov).index_copy(2, iv, oi))
         return torch.cat(outs)
 
@@ -413,7 +456,7 @@ class VisionEncoder(nn.Module):
         self.layernorm_pre, self.layernorm_post = nn.LayerNorm(D), nn.LayerNorm(D)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
         self.global_layers = nn.ModuleList(VisionBlock(cfg, gated=True) for _ in range(cfg.n_global_layers))
-        if fast: use_split_attention(self)                              # the speed layer (same numbers)
+        if fast: use_fast_kernels(use_split_attention(self))           # the speed layer (same numbers)
 
     @property
     def dtype(self): return self.patch_embedding.weight.dtype

@@ -116,6 +116,28 @@ def test_every_candidate_kernel_equals_f_linear(shape, dtype):
     assert checked >= (4 if one_row else 2 if dtype == torch.bfloat16 else 1)   # bf16 rows: + fp32 blocks
 
 
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bias_goes_with_every_kernel(rows, dtype, monkeypatch):
+    "Without gradients `fast_linear(x, w, b)` equals `F.linear(x, w, b)` whichever kernel is chosen; with, it is it."
+    g = torch.Generator().manual_seed(3)
+    w, b, x = (torch.randn(*s, generator=g).to(dtype) for s in ((512, 256), (512,), (rows, 256)))
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    ref, ran = F.linear(x, w, b), []
+    with torch.inference_mode():
+        for name, k in KERNELS.items():
+            if not k.fits(x, w): continue
+            try: k(x, w)
+            except RuntimeError: continue
+            monkeypatch.setattr(kernels, "inference_kernel", lambda x2, w, name=name: name)
+            torch.testing.assert_close(fast_linear(x, w, b).float(), ref.float(), **tol, msg=name); ran.append(name)
+    assert "F.linear" in ran and len(ran) >= 2
+    monkeypatch.undo()
+    bg = b.clone().requires_grad_()                                     # a bias that learns: F.linear's autograd
+    fast_linear(x, w, bg).sum().backward()
+    assert torch.equal(bg.grad, torch.full_like(b, rows))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fp32_blocks_cover_every_output_row(dtype):
     "A weight of 4,100 rows x 256 is converted in blocks of 4,096 rows: the last block is a partial one."

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from llama32_nb.checkpoint import CheckpointError
@@ -18,6 +19,8 @@ from llama32_nb.kernels import SDPA
 from llama32_nb.vision import (CLIP_MEAN, CLIP_STD, META_PREFIX, ImageError, ImageTransform, SplitMaskSDPA,
                                VisionConfig, VisionEncoder, collate_images, load_image, meta_vision_name, plan_tiles,
                                synthetic_image, tile_layouts, to_hf_vision, use_split_attention)
+import llama32_nb.vision as vision
+from llama32_nb.vision import VISION_KERNEL_CHOICES, matmul_attention, unmasked_attention
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
@@ -409,3 +412,50 @@ def test_speed_layer_is_a_module_swap_with_hooks():
     g = x.grad.clone(); x.grad = None
     SDPA()(x, x, x, m).sum().backward()
     assert torch.allclose(g, x.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_attention_equals_sdpa(dtype):
+    "Two batches, query lengths not a multiple of the block, queries and keys of different lengths."
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=g).to(dtype) for s in ((2, 3, 1100, 16), (2, 3, 700, 16), (2, 3, 700, 16)))
+    try: got = matmul_attention(q, k, v, block=512)
+    except RuntimeError: pytest.skip("this torch build has no oneDNN matmul")
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    err = (got.float() - ref).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2), err
+    assert got.dtype == dtype and got.shape == q.shape
+
+
+def test_unmasked_attention_measures_once_and_keeps_gradients(monkeypatch):
+    VISION_KERNEL_CHOICES.clear()
+    q, k, v = torch.randn(3, 1, 2, 300, 8).unbind(0)
+    with torch.no_grad():
+        torch.testing.assert_close(unmasked_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        unmasked_attention(q, k, v)
+    assert len(VISION_KERNEL_CHOICES) == 1 and next(iter(VISION_KERNEL_CHOICES.values()))["choice"] in ("F.sdpa",
+                                                                                                      "matmul")
+    q.requires_grad_()                                    # training: the fused kernel, nothing measured
+    unmasked_attention(q, k, v).sum().backward()
+    assert q.grad is not None and len(VISION_KERNEL_CHOICES) == 1
+    short = torch.randn(1, 2, 100, 8)                     # short calls are not measured either
+    with torch.no_grad(): unmasked_attention(short, short, short)
+    assert len(VISION_KERNEL_CHOICES) == 1
+
+
+def test_encoder_on_the_matmul_attention_equals_the_plain_one(monkeypatch):
+    "112-px tiles: 4 x 72 = 288 tokens, long enough for the measured kernel; forced to the matmul one here."
+    cfg = VisionConfig(width=32, n_layers=2, n_global_layers=1, n_heads=2, mlp_dim=64, image_size=112, patch_size=14,
+                       intermediate_layers=(0,))
+    try: matmul_attention(*torch.randn(3, 1, 1, 8, 4).unbind(0))
+    except RuntimeError: pytest.skip("this torch build has no oneDNN matmul")
+    monkeypatch.setattr(vision, "_choose_unmasked", lambda q, k, v: dict(choice="matmul", times={}))
+    VISION_KERNEL_CHOICES.clear()
+    calls = []
+    monkeypatch.setattr(vision, "matmul_attention", lambda *a, f=matmul_attention: calls.append(1) or f(*a))
+    plain = randomize(VisionEncoder(cfg, fast=False), seed=21)
+    fast = VisionEncoder(cfg).eval(); fast.load_state_dict(plain.state_dict())
+    px, ar = inputs(cfg, seed=22, B=1, N=4)
+    with torch.no_grad(): a, b = plain.eval()(px, ar), fast(px, ar)
+    assert calls and (a - b).abs().max() <= 1e-5
+    VISION_KERNEL_CHOICES.clear()
