@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from .core import check_int, check_number
 from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
                                    resolve_dtype, write_safetensors_dir)
-from .kernels import SDPA, _rows, pick, time_kernels, use_fast_kernels
+from .kernels import SDPA, _agree, _rows, pick, time_kernels, use_fast_kernels
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'MAX_PIXELS', 'VISION_KERNEL_CHOICES', 'META_PREFIX', 'tile_layouts', 'canvas_scales',
@@ -381,9 +381,7 @@ def _choose_unmasked(q, k, v) -> dict:
     ref = F.scaled_dot_product_attention(q, k, v)
     fns = {"F.sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
     try:
-        y, tol = matmul_attention(q, k, v), 1e-4 if q.dtype == torch.float32 else 2e-2
-        if torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max().clamp_min(1e-6))):
-            fns["matmul"] = lambda: matmul_attention(q, k, v)
+        if _agree(matmul_attention(q, k, v), ref): fns["matmul"] = lambda: matmul_attention(q, k, v)
     except RuntimeError: pass                                  # no oneDNN in this build, or not for this dtype
     times = time_kernels(fns, budget=0.25)
     return dict(choice=pick(times, reference="F.sdpa"), times=times)
