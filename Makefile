@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_decoder.py
 	$(PY) bench/bench_posttrain.py
 	$(PY) bench/bench_distill.py
+	$(PY) bench/bench_adapter.py
 
 clean-nbs: $(STAMP)
 	$(VENV)/bin/nbdev-clean && $(VENV)/bin/nbdev-export

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_index_tensor, check_int, check_number
 from .generation import GenerationMixin, KVCache
-from .checkpoint import (check_tensors, read_consolidated, read_json, read_safetensors_dir, resolve_dtype,
+from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir, resolve_dtype,
                                    write_safetensors_dir)
 from .kernels import SDPA, chunked_cross_entropy, use_fast_kernels
 
@@ -153,6 +153,9 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> "LlamaConfig":
         "Config from a transformers `config.json` dict (4.45 `rope_scaling` or 5.x `rope_parameters`)."
+        if d.get("model_type") == "mllama":
+            raise ValueError("config.json: model_type 'mllama' is a Llama 3.2 Vision checkpoint, not a text Llama; "
+                             "load it with llama32_nb.adapter.Mllama.from_pretrained")
         if d.get("model_type", "llama") != "llama":
             raise ValueError(f"config.json: model_type must be 'llama', got {d.get('model_type')!r}")
         req = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
@@ -453,7 +456,11 @@ def read_hf_checkpoint(path: Path) -> tuple[LlamaConfig, dict, str | None]:
 
 def read_meta_checkpoint(path: Path) -> tuple[LlamaConfig, dict, None]:
     "`(config, state dict by our names, None)` of a Meta directory (q/k rows permuted to ours), all or nothing."
-    params, raw = read_json(path / "params.json"), read_consolidated(path)
+    params = read_json(path / "params.json")
+    if "vision_chunk_size" in params:
+        raise CheckpointError(f"{path}: params.json has vision_chunk_size, so this is a Llama 3.2 Vision checkpoint, "
+                              "not a text Llama; load it with llama32_nb.adapter.Mllama.from_pretrained")
+    raw = read_consolidated(path)
     raw.pop("rope.freqs", None)
     emb, out = raw.get("tok_embeddings.weight"), raw.get("output.weight")
     tied = params.pop("tie_embeddings", None)

@@ -151,7 +151,7 @@ class GenerationMixin:
         tokens, pos = torch.tensor([ids], device=self.device), 0
         for _ in range(n_new):
             if use_cache:                                      # prefill once, then one new token per step
-                logits = self(tokens, pos, cache, last_only=True)[:, -1]
+                logits = self(tokens, start_pos=pos, cache=cache, last_only=True)[:, -1]
                 pos += tokens.shape[1]
             else:                                              # the whole sequence, every step
                 logits = self(torch.tensor([ids], device=self.device), last_only=True)[:, -1]
@@ -225,7 +225,7 @@ class GenerationMixin:
         prev = 0
         for cur in range(int(lens.min()), T):
             if bool(done.all()): break
-            if cache is not None: logits = self(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
+            if cache is not None: logits = self(tokens[:, prev:cur], start_pos=prev, cache=cache, last_only=True)[:, -1]
             else: logits = self(tokens[:, :cur], last_only=True)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             forced = in_prompt[:, cur]

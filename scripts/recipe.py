@@ -4,7 +4,8 @@
 Each stage reads what earlier stages wrote into the run folder and writes its own artifacts, figures and a
 section of `report.md`, with a progress bar. The stages are the keys of `STAGES` below: tokenizer (train our BPE on
 the corpus, compare compression with the real Llama 3 vocabulary), pretraining (the tiny Llama), samples (text from
-it), vision (Llama 3.2 Vision tiling, a tiny encoder). Later components add one stage each.
+it), vision (Llama 3.2 Vision tiling, a tiny encoder), adapter (a cross-attention adapter trained on synthetic
+scenes). Later components add one stage each.
 
     python scripts/recipe.py [--out runs/NAME] [--stages tokenizer,...] [--ship]
 """
@@ -487,8 +488,61 @@ A budget this small shows the mechanics, not the result Meta reports: read the n
 """)
 
 
+def stage_adapter(run: Run, stage1: int = 300, stage2: int = 300, seeds: tuple = (0, 1)):
+    """The cross-attention adapter trained in miniature (notebook 10): the tiny Llama frozen, a tiny encoder + adapter
+    trained on synthetic scenes, stage 2 (question-answer pairs) alone against stage 1 (noisy captions) + 2."""
+    from llama32_nb.pretraining import load_artifacts
+    from llama32_nb.adapter import (SCENE_VISION, Mllama, accuracy, adapter_run, blind_accuracy, caption_set, qa_set,
+                                    text_model_digest)
+    p = run.out / "tiny-llama"
+    src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
+    llama, tok = load_artifacts(src)
+    shipped = text_model_digest(llama)
+    captions = caption_set(tok, SCENE_VISION, 3000, seed=10, noise=0.3)
+    qa, test = qa_set(tok, SCENE_VISION, 600, seed=11), qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True)
+    text_only, blind = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, test), blind_accuracy(qa, test)
+    kinds = list(text_only)
+    bar = tqdm(total=len(seeds) * (stage1 + 2 * stage2), desc="adapter", unit="step")
+    runs = [adapter_run(llama, tok, captions, qa, test, s, s1, stage2, progress=lambda _: bar.update())
+            for s in seeds for s1 in (0, stage1)]
+    bar.close()
+    frozen = text_model_digest(llama) == shipped
+    rows = [["text only (gates at 0)", "-", *(text_only[k] for k in kinds)], ["blind guesser", "-", *(blind[k] for k in kinds)]]
+    rows += [[r.label, r.seed, *(r.acc[k] for k in kinds)] for r in runs]
+    summary = {}
+    for label in ("stage 2 only", "stage 1 + 2"):
+        a = np.array([r.acc["all"] for r in runs if r.label == label])
+        summary[label] = dict(mean=float(a.mean()), spread=float(a.max() - a.min()), seeds=a.tolist())
+    fig, axs = plt.subplots(1, 2, figsize=(12, 3.6))
+    for r in runs:
+        loss = np.concatenate([h["loss"] for h in r.hist.values()])
+        gate = np.concatenate([[g[0] for g in h["gate_attn"]] for h in r.hist.values()])
+        axs[0].plot(np.convolve(loss, np.ones(10) / 10, "valid"), lw=1, label=f"{r.label}, seed {r.seed}")
+        axs[1].plot(gate, lw=1, label=f"{r.label}, seed {r.seed}")
+    axs[0].set(title="training loss (10-step mean)", xlabel="step", yscale="log"); axs[1].set(title="tanh(attention gate)", xlabel="step")
+    for ax in axs: ax.legend(fontsize=7)
+    figmd = run.figure(fig, "adapter_training.png", "Adapter training: loss (left) and the attention gate (right) per "
+                       "run; the stage 1 + 2 runs switch from captions to questions at step "
+                       f"{stage1}.")
+    run.metrics["adapter"] = dict(text_only=text_only, blind=blind, runs=[dict(label=r.label, seed=r.seed, acc=r.acc)
+                                  for r in runs], summary=summary, text_model_unchanged=frozen, stage1=stage1,
+                                  stage2=stage2, captions=len(captions), qa=len(qa), test=len(test))
+    run.section("Cross-attention adapter (Llama 3.2 Vision in miniature)", f"""
+The tiny Llama frozen (sha256 of its weights after training {'equals' if frozen else 'DIFFERS FROM'} the shipped
+checkpoint's), a tiny encoder and one gated cross-attention block trained on synthetic scenes: stage 1 = {stage1} steps
+on {len(captions)} captions, 30 % corrupted; stage 2 = {stage2} steps on {len(qa)} question-answer pairs. Accuracy on
+{len(test)} held-out questions whose scenes hold a colour-shape pair never seen in training.
+
+{md_table(["model", "seed", *kinds], rows)}
+Mean accuracy (spread over seeds {list(seeds)}): stage 2 only {summary['stage 2 only']['mean']:.3f}
+(± {summary['stage 2 only']['spread'] / 2:.3f}), stage 1 + 2 {summary['stage 1 + 2']['mean']:.3f}
+(± {summary['stage 1 + 2']['spread'] / 2:.3f}).
+
+{figmd}""")
+
+
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
-          "vision": stage_vision, "prune": stage_prune, "distill": stage_distill,
+          "vision": stage_vision, "adapter": stage_adapter, "prune": stage_prune, "distill": stage_distill,
           "posttrain": stage_posttrain, "longctx": stage_longctx, "quantize": stage_quantize}
 
 
