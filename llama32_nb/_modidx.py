@@ -94,6 +94,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'llama32_nb/adapter.py'),
                                     'llama32_nb.adapter.draw_scene': ('adapter.html#draw_scene', 'llama32_nb/adapter.py'),
                                     'llama32_nb.adapter.encode_example': ('adapter.html#encode_example', 'llama32_nb/adapter.py'),
+                                    'llama32_nb.adapter.encode_turns': ('adapter.html#encode_turns', 'llama32_nb/adapter.py'),
                                     'llama32_nb.adapter.expected_mllama_shapes': ( 'adapter.html#expected_mllama_shapes',
                                                                                    'llama32_nb/adapter.py'),
                                     'llama32_nb.adapter.explain_answer': ('adapter.html#explain_answer', 'llama32_nb/adapter.py'),

@@ -29,9 +29,9 @@ __all__ = ['COLOURS', 'SHAPES', 'HELD_OUT', 'NUMBERS', 'SCENE_LAYOUTS', 'CANDIDA
            'image_visibility', 'cross_attention_mask', 'VisionContext', 'MllamaCache', 'Mllama', 'mllama_meta_name',
            'to_hf_mllama', 'from_hf_mllama', 'expected_mllama_shapes', 'read_hf_mllama', 'read_meta_mllama',
            'cross_attention_maps', 'tile_heatmap', 'Shape', 'Scene', 'make_scene', 'draw_scene', 'reading_order',
-           'caption', 'questions', 'VisionExamples', 'encode_example', 'scene_examples', 'caption_set', 'qa_prompt',
-           'qa_set', 'train_adapter', 'answer_scores', 'accuracy', 'blind_accuracy', 'text_model_digest', 'AdapterRun',
-           'adapter_run', 'scene_prompt', 'explain_answer']
+           'caption', 'questions', 'VisionExamples', 'encode_turns', 'encode_example', 'scene_examples', 'caption_set',
+           'qa_prompt', 'qa_set', 'train_adapter', 'answer_scores', 'accuracy', 'blind_accuracy', 'text_model_digest',
+           'AdapterRun', 'adapter_run', 'scene_prompt', 'explain_answer']
 
 # %% ../nbs/10_adapter.ipynb #26e19aaf
 def fusion_schedule(n_layers: int, n_xattn: int) -> list[int]:
@@ -764,20 +764,26 @@ class VisionExamples:
     def batch(self, idx) -> tuple:
         return self.tokens[idx], self.targets[idx], self.pixel_values[idx], self.aspect_ratios[idx]
 
+def encode_turns(tok: Tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """`(ids, targets)` for `<|begin_of_text|><|image|>` and then `prompt answer<|eot_id|>` for each turn; the loss on
+    every answer and its terminator (`targets[i]` is the id that follows position `i`, `-100` elsewhere)."""
+    sp = tok.special_tokens
+    ids, learn = [sp["<|begin_of_text|>"], tok.n_words], [False, False]
+    for prompt, answer in turns:
+        p, a = tok.encode(prompt), tok.encode(answer) + [sp["<|eot_id|>"]]
+        ids, learn = ids + p + a, learn + [False] * len(p) + [True] * len(a)
+    return ids, [t if m else -100 for t, m in zip(ids[1:], learn[1:])] + [-100]
+
 def encode_example(tok: Tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     "`(ids, targets)` for `<|begin_of_text|><|image|>prompt answer<|eot_id|>`, the loss on `answer` and the terminator."
-    sp = tok.special_tokens
-    head = [sp["<|begin_of_text|>"], tok.n_words] + tok.encode(prompt)
-    body = tok.encode(answer) + [sp["<|eot_id|>"]]
-    ids = head + body
-    return ids, [-100] * (len(head) - 1) + body + [-100]
+    return encode_turns(tok, [(prompt, answer)])
 
 def scene_examples(tok: Tokenizer, scenes: list[Scene], texts: list[tuple[str, str]], image_of: list[int],
                    vcfg: VisionConfig, kinds=None, answers=None) -> VisionExamples:
     "Examples from `(prompt, answer)` texts, each with the scene `scenes[image_of[i]]`; images drawn and tiled once."
     tf = ImageTransform(vcfg.image_size, vcfg.max_tiles)
     tiles = [tf(draw_scene(s)) for s in scenes]
-    enc = [encode_example(tok, p, a) for p, a in texts]
+    enc = [encode_turns(tok, t if isinstance(t, list) else [t]) for t in texts]
     L = max(len(i) for i, _ in enc)
     pad = tok.special_tokens["<|finetune_right_pad_id|>"]
     tokens = torch.full((len(enc), L), pad, dtype=torch.long)
@@ -785,7 +791,7 @@ def scene_examples(tok: Tokenizer, scenes: list[Scene], texts: list[tuple[str, s
     for n, (i, t) in enumerate(enc): tokens[n, :len(i)], targets[n, :len(t)] = torch.tensor(i), torch.tensor(t)
     imgs = collate_images([[tiles[k]] for k in image_of], vcfg.max_tiles)
     return VisionExamples(tokens, targets, imgs["pixel_values"], imgs["aspect_ratios"], kinds, answers,
-                          [p for p, _ in texts])
+                          [t[0] if isinstance(t, tuple) else None for t in texts])
 
 def caption_set(tok, vcfg: VisionConfig, n: int, seed: int, noise: float) -> VisionExamples:
     "Stage 1: `n` training scenes with one caption each, a fraction `noise` of them corrupted."
@@ -795,12 +801,17 @@ def caption_set(tok, vcfg: VisionConfig, n: int, seed: int, noise: float) -> Vis
 
 def qa_prompt(question: str) -> str: return f"Question: {question} Answer:"
 
-def qa_set(tok, vcfg: VisionConfig, n_scenes: int, seed: int, held_out: bool = False) -> VisionExamples:
+def qa_set(tok, vcfg: VisionConfig, n_scenes: int, seed: int, held_out: bool = False,
+           dense: bool = False) -> VisionExamples:
     """Stage 2 (or, with `held_out`, the test set): every question about `n_scenes` scenes, every other scene with one
-    shape."""
+    shape. One example per question; `dense`: one per scene, its questions as turns in a random order (for training:
+    every image read once for all its answers; such a set has no `kinds`/`answers` to score)."""
     rng = random.Random(seed)
     scenes = [make_scene(rng, held_out=held_out, tile=vcfg.image_size, n_shapes=1 if k % 2 == 0 else None)
               for k in range(n_scenes)]
+    if dense:
+        turns = [[(qa_prompt(q), " " + a) for q, a, _ in rng.sample(questions(s), len(questions(s)))] for s in scenes]
+        return scene_examples(tok, scenes, turns, list(range(n_scenes)), vcfg)
     qs = [(k, q) for k, s in enumerate(scenes) for q in questions(s)]
     return scene_examples(tok, scenes, [(qa_prompt(q), " " + a) for _, (q, a, _) in qs], [k for k, _ in qs], vcfg,
                           [q[2] for _, q in qs], [q[1] for _, q in qs])

@@ -400,9 +400,9 @@ def unmasked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 # %% ../nbs/09_vision.ipynb #0412682f
 class SplitMaskSDPA(SDPA):
     """`SDPA` for the encoder's mask (a pair is blocked iff both tokens are invalid): valid queries attend to all keys,
-    invalid queries to the valid keys, both unmasked (`unmasked_attention`). Any other mask gets the plain masked
-    call."""
-    _checked = None                                   # (weak reference to the last mask checked, its version)
+    invalid queries to the valid keys, both unmasked (`unmasked_attention`). Any other mask, and training (queries
+    that need a gradient), get the plain masked call."""
+    _checked = None              # (weak reference to the last mask checked, its version), shared by every layer
 
     def encoder_structure(self, mask: torch.Tensor) -> torch.Tensor | None:
         "`invalid [B, L]` if `mask [B, 1, L, L]` blocks exactly the invalid↔invalid pairs (checked once per mask)."
@@ -414,10 +414,12 @@ class SplitMaskSDPA(SDPA):
             for r in range(0, mask.shape[-2], 512):                         # in row blocks: little extra memory
                 if not torch.equal(mask[:, 0, r:r + 512] < 0, invalid[:, r:r + 512, None] & invalid[:, None, :]):
                     return None
-            self._checked = (weakref.ref(mask), version)
+            SplitMaskSDPA._checked = (weakref.ref(mask), version)    # on the class: the layers share one mask
         return invalid
 
     def forward(self, q, k, v, mask=None):
+        if torch.is_grad_enabled() and q.requires_grad:               # training: one masked call beats the loop
+            return super().forward(q, k, v, mask)
         invalid = self.encoder_structure(mask)
         if invalid is None: return super().forward(q, k, v, mask)
         outs = []

@@ -490,7 +490,7 @@ A budget this small shows the mechanics, not the result Meta reports: read the n
 
 def stage_adapter(run: Run, stage1: int = 300, stage2: int = 300, seeds: tuple = (0, 1)):
     """The cross-attention adapter trained in miniature (notebook 10): the tiny Llama frozen, a tiny encoder + adapter
-    trained on synthetic scenes, stage 2 (question-answer pairs) alone against stage 1 (noisy captions) + 2."""
+    trained on synthetic scenes, stage 2 (question-answer turns) alone against stage 1 (noisy captions) + 2."""
     from llama32_nb.pretraining import load_artifacts
     from llama32_nb.adapter import (SCENE_VISION, Mllama, accuracy, adapter_run, blind_accuracy, caption_set, qa_set,
                                     text_model_digest)
@@ -499,8 +499,10 @@ def stage_adapter(run: Run, stage1: int = 300, stage2: int = 300, seeds: tuple =
     llama, tok = load_artifacts(src)
     shipped = text_model_digest(llama)
     captions = caption_set(tok, SCENE_VISION, 3000, seed=10, noise=0.3)
-    qa, test = qa_set(tok, SCENE_VISION, 600, seed=11), qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True)
-    text_only, blind = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, test), blind_accuracy(qa, test)
+    qa = qa_set(tok, SCENE_VISION, 600, seed=11, dense=True)
+    test = qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True)
+    text_only = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, test)
+    blind = blind_accuracy(qa_set(tok, SCENE_VISION, 600, seed=11), test)
     kinds = list(text_only)
     bar = tqdm(total=len(seeds) * (stage1 + 2 * stage2), desc="adapter", unit="step")
     runs = [adapter_run(llama, tok, captions, qa, test, s, s1, stage2, progress=lambda _: bar.update())
@@ -530,7 +532,8 @@ def stage_adapter(run: Run, stage1: int = 300, stage2: int = 300, seeds: tuple =
     run.section("Cross-attention adapter (Llama 3.2 Vision in miniature)", f"""
 The tiny Llama frozen (sha256 of its weights after training {'equals' if frozen else 'DIFFERS FROM'} the shipped
 checkpoint's), a tiny encoder and one gated cross-attention block trained on synthetic scenes: stage 1 = {stage1} steps
-on {len(captions)} captions, 30 % corrupted; stage 2 = {stage2} steps on {len(qa)} question-answer pairs. Accuracy on
+on {len(captions)} captions, 30 % corrupted; stage 2 = {stage2} steps on the questions about {len(qa)}
+scenes (a scene's questions as the turns of one sequence). Accuracy on
 {len(test)} held-out questions whose scenes hold a colour-shape pair never seen in training.
 
 {md_table(["model", "seed", *kinds], rows)}
