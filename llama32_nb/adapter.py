@@ -230,7 +230,8 @@ class Mllama(nn.Module, GenerationMixin):
     def __init__(self, cfg: MllamaConfig, text_model: Llama | None = None, init: bool = True, hf_compat: bool = False,
                  fast: bool = True):
         super().__init__()
-        if not isinstance(cfg, MllamaConfig): raise TypeError(f"Mllama expects an MllamaConfig, got {type(cfg).__name__}")
+        if not isinstance(cfg, MllamaConfig):
+            raise TypeError(f"Mllama expects an MllamaConfig, got {type(cfg).__name__}")
         if text_model is not None and text_model.cfg != cfg.text:
             raise ValueError("text_model's config differs from cfg.text")
         self.cfg, self.hf_compat, D = cfg, hf_compat, cfg.text.dim
@@ -291,7 +292,8 @@ class Mllama(nn.Module, GenerationMixin):
                              f"max_seq_len={self.cfg.max_seq_len}")
         lo, hi = torch.aminmax(tokens)
         if lo.item() < 0 or hi.item() >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (text vocabulary + {self.cfg.n_learnable}"
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (text vocabulary + "
+                             f"{self.cfg.n_learnable}"
                              f" learnable ids), got min {lo.item()} max {hi.item()}")
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -413,7 +415,8 @@ class Mllama(nn.Module, GenerationMixin):
                 pixel_values, aspect_ratios = b["pixel_values"], b["aspect_ratios"]
         if pixel_values is None:
             if any(self.cfg.image_token_id in p for p in prompts):
-                raise ValueError("the prompt holds <|image|> but no images were given: more <|image|> tokens than images")
+                raise ValueError("the prompt holds <|image|> but no images were given: more <|image|> tokens "
+                                 "than images")
             ctx = None
         else:
             if aspect_ratios is None: raise ValueError("pixel_values need their aspect_ratios [B, N_img, 2]")
@@ -454,7 +457,8 @@ class Mllama(nn.Module, GenerationMixin):
         prompt format. Returns the reply text (or an iterator of pieces with `stream=True`)."""
         if tokenizer is None:
             if self.cfg.text.vocab_size != 128_256:
-                raise ValueError(f"this model's vocabulary has {self.cfg.text.vocab_size:,} tokens: pass its tokenizer=")
+                raise ValueError(f"this model's vocabulary has {self.cfg.text.vocab_size:,} tokens: "
+                                 "pass its tokenizer=")
             tokenizer = Tokenizer.llama3()
         if tokenizer.n_words != self.cfg.image_token_id:
             raise ValueError(f"tokenizer {tokenizer} has {tokenizer.n_words} ids, the model's text vocabulary "
@@ -641,7 +645,8 @@ def cross_attention_maps(model: Mllama, tokens: torch.Tensor, pixel_values: torc
         for h in hooks: h.remove()
     return torch.stack(probs)
 
-def tile_heatmap(weights: torch.Tensor, layout: tuple[int, int], grid: int, n_tiles: int, image: int = 0) -> torch.Tensor:
+def tile_heatmap(weights: torch.Tensor, layout: tuple[int, int], grid: int, n_tiles: int,
+                 image: int = 0) -> torch.Tensor:
     """One row's weights over the image tokens `[S]` -> a `[rows*grid, cols*grid]` map of image `image` (class tokens
     dropped), tiles placed as in the picture."""
     r, c = layout
@@ -817,7 +822,8 @@ def qa_set(tok, vcfg: VisionConfig, n_scenes: int, seed: int, held_out: bool = F
                           [q[2] for _, q in qs], [q[1] for _, q in qs])
 
 # %% ../nbs/10_adapter.ipynb #29712b41
-SCENE_VISION = VisionConfig(width=64, n_layers=3, n_global_layers=1, n_heads=4, mlp_dim=256, image_size=32, patch_size=8,
+SCENE_VISION = VisionConfig(width=64, n_layers=3, n_global_layers=1, n_heads=4, mlp_dim=256, image_size=32,
+                            patch_size=8,
                             max_tiles=2, intermediate_layers=(1, 2))     # 32-px tiles of 8-px patches, up to 2 tiles
 
 # %% ../nbs/10_adapter.ipynb #ff12a80f

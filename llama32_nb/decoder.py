@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_index_tensor, check_int, check_number
 from .generation import GenerationMixin, KVCache
-from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir, resolve_dtype,
+from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
+                                   resolve_dtype,
                                    write_safetensors_dir)
 from .kernels import SDPA, chunked_cross_entropy, use_fast_kernels
 
