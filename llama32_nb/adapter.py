@@ -334,8 +334,13 @@ class Mllama(nn.Module, GenerationMixin):
         "Encode the images once and compute every block's K/V and the row visibility for `length` text rows."
         self.check_images(prompts, pixel_values, aspect_ratios)
         ar = self.vision_model.check_inputs(pixel_values, aspect_ratios)
+        N = pixel_values.shape[1]
+        if self.hf_compat:     # transformers: images past a sample's <|image|> count are id 0 (layout (0, 0))
+            n_img = torch.tensor([sum(t == self.cfg.image_token_id for t in row) for row in prompts])
+            pad = (torch.arange(N)[None] >= n_img[:, None]).to(aspect_ratios.device)
+            aspect_ratios = aspect_ratios.masked_fill(pad[..., None], 0)
         mem = self.encode_images(pixel_values, aspect_ratios)                      # [B, N, tiles, n, D]
-        B, N, T, n = mem.shape[:4]
+        B, _, T, n = mem.shape[:4]
         flat = mem.reshape(B, N * T * n, -1)
         kv = [blk.cross_attn.kv(flat) for blk in self.cross_attention_layers]
         length = length or max(map(len, prompts))

@@ -295,7 +295,7 @@ def tile_table_lookup(table: torch.Tensor, aspect_ratios: torch.Tensor, n_tiles:
     """Per image and tile slot, `table[row, col]` of that tile (row-major in the image's `(rows, cols)` layout), zeros
     for padding slots: `table [T, T, *rest]`, `aspect_ratios [B', 2]` -> `[B', n_tiles, *rest]`."""
     t = torch.arange(n_tiles, device=aspect_ratios.device)
-    cols, valid = aspect_ratios[:, 1:2], tile_valid(aspect_ratios, n_tiles)
+    cols, valid = aspect_ratios[:, 1:2].clamp(min=1), tile_valid(aspect_ratios, n_tiles)   # (0, 0): no real tile
     out = table[torch.where(valid, t // cols, 0), torch.where(valid, t % cols, 0)]
     return out * valid.view(*valid.shape, *([1] * (table.dim() - 2))).to(out.dtype)
 
@@ -478,9 +478,10 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"aspect_ratios must be an integer tensor [B={B}, N_img={N}, 2] of (rows, cols), got "
                              f"{getattr(aspect_ratios, 'shape', type(aspect_ratios).__name__)}")
         ar = aspect_ratios.reshape(B * N, 2).long()
-        bad = (ar < 1).any(-1) | (ar.prod(-1) > T)
+        bad = ((ar < 1).any(-1) & (ar != 0).any(-1)) | (ar.prod(-1) > T)           # (0, 0): a padding image
         if bad.any():
-            raise ValueError(f"aspect_ratios {ar[bad][0].tolist()}: rows and cols must be >= 1 with rows*cols <= {T}")
+            raise ValueError(f"aspect_ratios {ar[bad][0].tolist()}: rows and cols must be >= 1 with rows*cols <= {T} "
+                             "(or (0, 0) for a padding image)")
         return ar.to(self.device)
 
     def embed(self, pixel_values: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
@@ -501,7 +502,7 @@ class VisionEncoder(nn.Module):
         B, N, T = pixel_values.shape[:3]
         x = F.pad(self.embed(pixel_values, ar), (0, 0, 0, cfg.n_pad))       # [B', T, Lt, D]
         Lt = x.shape[2]
-        mask = encoder_mask(ar, T, cfg.n_tokens, cfg.n_pad, x.dtype)
+        mask = encoder_mask(ar.clamp(min=1), T, cfg.n_tokens, cfg.n_pad, x.dtype)  # padding image: tile 0 valid
         x, feats = x.view(B * N, T * Lt, cfg.width), []
         for i, layer in enumerate(self.layers):
             if i in cfg.intermediate_layers and not self.hf_compat: feats.append(x)    # Meta: the layer's input

@@ -348,17 +348,22 @@ def test_hf_default_differs_and_why(hf_ckpt):
         assert (default(tok, px, ar) - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known limitation (open in issue 10): hf_compat encodes padding images as (1, 1) images as Meta "
-                   "does; transformers uses aspect_ratio_id 0 (no tile embeddings) and its unmasked rows average "
-                   "over them, so mixed-count batches differ")
 def test_hf_parity_hf_compat_with_padding_images(hf_ckpt):
-    "A batch whose samples hold different numbers of images (and one without): transformers pads with id-0 images."
+    """A batch whose samples hold different numbers of images (and one without): transformers pads with id-0 images
+    (no per-tile terms) and its rows that see no image attend to them; hf_compat encodes them the same way. The
+    default (Meta) masks them from every row, so there they cannot matter."""
     hf, d = hf_ckpt
     ours = Mllama.from_pretrained(d, hf_compat=True)
     tok, px, ar = batch(MIXED, seed=5)
-    with torch.no_grad(): ref, got = hf(**hf_inputs(MIXED, px)).logits.float(), ours(tok, px, ar)
-    assert (got - ref).abs().max() <= 1e-4
+    with torch.no_grad():
+        ref, got = hf(**hf_inputs(MIXED, px)).logits.float(), ours(tok, px, ar)
+        assert (got - ref).abs().max() <= 1e-4
+        ours.hf_compat = False                      # Meta's masking: padding images are invisible to every row
+        meta = ours(tok, px, ar)
+        pad = ar.clone(); pad[2, 1] = pad[3, 0] = pad[3, 1] = torch.tensor([2, 2])   # the padding images' layouts
+        assert torch.equal(ours(tok, px, pad), meta)
+        ours.hf_compat = True                       # hf_compat reads the padding images from the tokens, not ar
+        assert (ours(tok, px, pad) - ref).abs().max() <= 1e-4
 
 
 def test_save_pretrained_loads_in_transformers(hf_ckpt, tmp_path):

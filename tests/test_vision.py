@@ -330,6 +330,27 @@ def test_transformers_parity_hf_compat_and_the_documented_difference(name, tmp_p
         assert (default[..., D + k::n][..., :D] - emb).abs().max() <= 1e-5
 
 
+def test_transformers_padding_image_is_layout_0_0(tmp_path):
+    "A padding image (all-zero pixels): transformers' aspect-ratio id 0 (no per-tile terms, tile 0 unmasked) = `(0, 0)`."
+    cfg = TINY["w32"]
+    ours = randomize(VisionEncoder(cfg), seed=9)
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.MllamaVisionModel.from_pretrained(tmp_path / "ours").eval()
+    compat = VisionEncoder.from_pretrained(tmp_path / "ours", hf_compat=True)
+    px, ar = inputs(cfg, seed=10)
+    px[:, -1] = 0                                                     # the last image of each sample: padding
+    h = hf_inputs(cfg, px, ar)
+    h["aspect_ratio_ids"][:, -1] = 0
+    h["aspect_ratio_mask"][:, -1] = torch.tensor([1] + [0] * (cfg.max_tiles - 1))
+    pad = ar.clone(); pad[:, -1] = 0
+    with torch.no_grad():
+        ref = hf(**h).last_hidden_state
+        assert (compat(px, pad) - ref).abs().max() <= 1e-4
+        as_one = ar.clone(); as_one[:, -1] = 1                        # Meta's (1, 1) gets the tile terms: differs
+        assert (compat(px, as_one)[:, -1] - ref[:, -1]).abs().max() > 1e-3
+        assert torch.equal(compat(px, as_one)[:, :-1], compat(px, pad)[:, :-1])   # images are encoded independently
+
+
 def test_full_mllama_dir_written_by_transformers(tmp_path):
     cfg = TINY["w32"]
     ours = randomize(VisionEncoder(cfg), seed=8)
