@@ -832,7 +832,7 @@ SCENE_VISION = VisionConfig(width=64, n_layers=3, n_global_layers=1, n_heads=4, 
                             max_tiles=2, intermediate_layers=(1, 2))     # 32-px tiles of 8-px patches, up to 2 tiles
 
 # %% ../nbs/10_adapter.ipynb #ff12a80f
-def train_adapter(model: Mllama, data: VisionExamples, steps: int, batch_size: int = 16, lr: float = 1e-2,
+def train_adapter(model: Mllama, data: VisionExamples, steps: int, batch_size: int = 16, lr: float = 3e-3,
                   gate_lr: float | None = None, warmup: int = 20, seed: int = 0, progress=None) -> dict:
     """Train the adapter (text model frozen) on `data` for `steps` steps; returns the loss and gate history. The
     gates get their own, small learning rate `gate_lr` (see the text above)."""

@@ -488,58 +488,116 @@ A budget this small shows the mechanics, not the result Meta reports: read the n
 """)
 
 
-def stage_adapter(run: Run, stage1: int = 300, stage2: int = 300, seeds: tuple = (0, 1)):
-    """The cross-attention adapter trained in miniature (notebook 10): the tiny Llama frozen, a tiny encoder + adapter
-    trained on synthetic scenes, stage 2 (question-answer turns) alone against stage 1 (noisy captions) + 2."""
+def _adapter_data(tok):
+    "The adapter stage's data sets (built the same way in every worker from fixed seeds)."
+    from llama32_nb.adapter import SCENE_VISION, caption_set, qa_set
+    return dict(captions=caption_set(tok, SCENE_VISION, 3000, seed=10, noise=0.3),
+                qa=qa_set(tok, SCENE_VISION, 600, seed=11, dense=True),
+                test=qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True),    # a never-seen pair in every scene
+                test_in=qa_set(tok, SCENE_VISION, 300, seed=13))                # new scenes of seen pairs only
+
+
+def _adapter_seed(seed: int, stage1: int, stage2: int, src, queue) -> tuple[list[dict], str]:
+    """One worker process, one thread: stage 2 alone and stage 1 + 2 for one seed around its own copy of the frozen
+    text model; returns each run's accuracies and loss/gate history, and the text model's digest after training."""
+    import torch
+    torch.set_num_threads(1)
     from llama32_nb.pretraining import load_artifacts
-    from llama32_nb.adapter import (SCENE_VISION, Mllama, accuracy, adapter_run, blind_accuracy, caption_set, qa_set,
-                                    text_model_digest)
+    from llama32_nb.adapter import accuracy, adapter_run, text_model_digest
+    llama, tok = load_artifacts(src)
+    d, out = _adapter_data(tok), []
+    for s1 in (0, stage1):
+        r = adapter_run(llama, tok, d["captions"], d["qa"], d["test"], seed, s1, stage2, progress=lambda _: queue.put(1))
+        out.append(dict(label=r.label, seed=seed, hist=r.hist, acc=r.acc, acc_in=accuracy(r.model, tok, d["test_in"])))
+    return out, text_model_digest(llama)
+
+
+def stage_adapter(run: Run, stage1: int = 200, stage2: int = 400, seeds: tuple = (0, 1)):
+    """The cross-attention adapter trained in miniature (notebook 10): the tiny Llama frozen, a tiny encoder + adapter
+    trained on synthetic scenes, stage 2 (question-answer turns) alone against stage 1 (noisy captions) + 2. The seeds
+    run in parallel worker processes of one thread each (on 2 cores, twice the throughput of one 2-thread process)."""
+    import multiprocessing as mp
+    import os
+    import queue as queue_mod
+    from concurrent.futures import ProcessPoolExecutor
+    from llama32_nb.pretraining import load_artifacts
+    from llama32_nb.adapter import SCENE_VISION, Mllama, accuracy, blind_accuracy, qa_set, text_model_digest
     p = run.out / "tiny-llama"
     src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
     llama, tok = load_artifacts(src)
     shipped = text_model_digest(llama)
-    captions = caption_set(tok, SCENE_VISION, 3000, seed=10, noise=0.3)
-    qa = qa_set(tok, SCENE_VISION, 600, seed=11, dense=True)
-    test = qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True)
-    text_only = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, test)
-    blind = blind_accuracy(qa_set(tok, SCENE_VISION, 600, seed=11), test)
+    d = _adapter_data(tok)
+    text_only = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, d["test"])
+    text_only_in = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, d["test_in"])
+    train_qa = qa_set(tok, SCENE_VISION, 600, seed=11)
+    blind, blind_in = blind_accuracy(train_qa, d["test"]), blind_accuracy(train_qa, d["test_in"])
     kinds = list(text_only)
     bar = tqdm(total=len(seeds) * (stage1 + 2 * stage2), desc="adapter", unit="step")
-    runs = [adapter_run(llama, tok, captions, qa, test, s, s1, stage2, progress=lambda _: bar.update())
-            for s in seeds for s1 in (0, stage1)]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(min(len(seeds), os.cpu_count() or 1), mp_context=ctx) as pool:
+        q = manager.Queue()
+        futs = [pool.submit(_adapter_seed, s, stage1, stage2, src, q) for s in seeds]
+        while not all(f.done() for f in futs):
+            try: bar.update(q.get(timeout=1))
+            except queue_mod.Empty: pass
+        results = [f.result() for f in futs]
     bar.close()
-    frozen = text_model_digest(llama) == shipped
-    rows = [["text only (gates at 0)", "-", *(text_only[k] for k in kinds)], ["blind guesser", "-", *(blind[k] for k in kinds)]]
-    rows += [[r.label, r.seed, *(r.acc[k] for k in kinds)] for r in runs]
+    runs = [r for rs, _ in results for r in rs]
+    frozen = text_model_digest(llama) == shipped and all(dg == shipped for _, dg in results)
+    def table(key, base, blind_):
+        rows = [["text only (gates at 0)", "-", *(base[k] for k in kinds)], ["blind guesser", "-", *(blind_[k] for k in kinds)]]
+        return md_table(["model", "seed", *kinds], rows + [[r["label"], r["seed"], *(r[key][k] for k in kinds)] for r in runs])
     summary = {}
     for label in ("stage 2 only", "stage 1 + 2"):
-        a = np.array([r.acc["all"] for r in runs if r.label == label])
-        summary[label] = dict(mean=float(a.mean()), spread=float(a.max() - a.min()), seeds=a.tolist())
-    fig, axs = plt.subplots(1, 2, figsize=(12, 3.6))
+        summary[label] = {}
+        for key in ("acc", "acc_in"):
+            for k in kinds:
+                a = np.array([r[key][k] for r in runs if r["label"] == label])
+                summary[label][f"{key}/{k}"] = dict(mean=float(a.mean()), spread=float(a.max() - a.min()), seeds=a.tolist())
+    fig, axs = plt.subplots(1, 3, figsize=(16, 3.6))
     for r in runs:
-        loss = np.concatenate([h["loss"] for h in r.hist.values()])
-        gate = np.concatenate([[g[0] for g in h["gate_attn"]] for h in r.hist.values()])
-        axs[0].plot(np.convolve(loss, np.ones(10) / 10, "valid"), lw=1, label=f"{r.label}, seed {r.seed}")
-        axs[1].plot(gate, lw=1, label=f"{r.label}, seed {r.seed}")
-    axs[0].set(title="training loss (10-step mean)", xlabel="step", yscale="log"); axs[1].set(title="tanh(attention gate)", xlabel="step")
-    for ax in axs: ax.legend(fontsize=7)
-    figmd = run.figure(fig, "adapter_training.png", "Adapter training: loss (left) and the attention gate (right) per "
-                       "run; the stage 1 + 2 runs switch from captions to questions at step "
-                       f"{stage1}.")
-    run.metrics["adapter"] = dict(text_only=text_only, blind=blind, runs=[dict(label=r.label, seed=r.seed, acc=r.acc)
-                                  for r in runs], summary=summary, text_model_unchanged=frozen, stage1=stage1,
-                                  stage2=stage2, captions=len(captions), qa=len(qa), test=len(test))
+        loss = np.concatenate([h["loss"] for h in r["hist"].values()])
+        gate = np.concatenate([[g[0] for g in h["gate_ffn"]] for h in r["hist"].values()])
+        axs[0].plot(np.convolve(loss, np.ones(10) / 10, "valid"), lw=1, label=f"{r['label']}, seed {r['seed']}")
+        axs[1].plot(gate, lw=1, label=f"{r['label']}, seed {r['seed']}")
+    axs[0].set(title="training loss (10-step mean)", xlabel="step", yscale="log")
+    axs[1].set(title="tanh(FFN gate)", xlabel="step")
+    w, xs = 0.18, np.arange(len(kinds))
+    bars = [("text only", text_only, text_only_in)] + [(lab, *[{k: summary[lab][f"{key}/{k}"]["mean"] for k in kinds}
+                                                             for key in ("acc", "acc_in")]) for lab in summary]
+    for i, (lab, ho, ind) in enumerate(bars):
+        axs[2].bar(xs + (i - 1) * w * 2 - w / 2, [ind[k] for k in kinds], w, alpha=.45, color=f"C{i}", label=f"{lab}: seen pairs")
+        axs[2].bar(xs + (i - 1) * w * 2 + w / 2, [ho[k] for k in kinds], w, color=f"C{i}", label=f"{lab}: held-out pairs")
+    axs[2].set(xticks=xs, xticklabels=kinds, ylim=(0, 1.05), title="test accuracy (mean over seeds)")
+    for ax in axs: ax.legend(fontsize=6)
+    figmd = run.figure(fig, "adapter_training.png", "Adapter training: loss (left) and the FFN gate (middle) per run "
+                       f"(the stage 1 + 2 runs switch from captions to questions at step {stage1}); right, accuracy "
+                       "per kind of question on scenes of seen colour-shape pairs (light) and of held-out pairs (dark). "
+                       "Notice that colour and count transfer to held-out pairs and shape does not.")
+    run.metrics["adapter"] = dict(text_only=text_only, text_only_in=text_only_in, blind=blind, blind_in=blind_in,
+                                  runs=[dict(label=r["label"], seed=r["seed"], acc=r["acc"], acc_in=r["acc_in"]) for r in runs],
+                                  summary=summary, text_model_unchanged=frozen, stage1=stage1, stage2=stage2,
+                                  captions=len(d["captions"]), qa=len(d["qa"]), test=len(d["test"]),
+                                  test_in=len(d["test_in"]))
+    mean = lambda lab, key="acc", k="all": (f"{summary[lab][f'{key}/{k}']['mean']:.3f} "
+                                            f"(± {summary[lab][f'{key}/{k}']['spread'] / 2:.3f})")
     run.section("Cross-attention adapter (Llama 3.2 Vision in miniature)", f"""
-The tiny Llama frozen (sha256 of its weights after training {'equals' if frozen else 'DIFFERS FROM'} the shipped
-checkpoint's), a tiny encoder and one gated cross-attention block trained on synthetic scenes: stage 1 = {stage1} steps
-on {len(captions)} captions, 30 % corrupted; stage 2 = {stage2} steps on the questions about {len(qa)}
-scenes (a scene's questions as the turns of one sequence). Accuracy on
-{len(test)} held-out questions whose scenes hold a colour-shape pair never seen in training.
+The tiny Llama frozen (sha256 of its weights after training, in every worker, {'equals' if frozen else 'DIFFERS FROM'}
+the shipped checkpoint's), a tiny encoder and one gated cross-attention block trained on synthetic scenes: stage 1 =
+{stage1} steps on {len(d['captions'])} captions, 30 % corrupted; stage 2 = {stage2} steps on the questions about
+{len(d['qa'])} scenes (a scene's questions as the turns of one sequence).
 
-{md_table(["model", "seed", *kinds], rows)}
-Mean accuracy (spread over seeds {list(seeds)}): stage 2 only {summary['stage 2 only']['mean']:.3f}
-(± {summary['stage 2 only']['spread'] / 2:.3f}), stage 1 + 2 {summary['stage 1 + 2']['mean']:.3f}
-(± {summary['stage 1 + 2']['spread'] / 2:.3f}).
+Accuracy on {len(d['test'])} held-out questions whose scenes hold a colour-shape pair never seen in training:
+
+{table("acc", text_only, blind)}
+The same models on {len(d['test_in'])} questions about new scenes of seen pairs only:
+
+{table("acc_in", text_only_in, blind_in)}
+Held-out pairs, mean over seeds {list(seeds)} (± half the spread): stage 2 only {mean('stage 2 only')}, stage 1 + 2
+{mean('stage 1 + 2')}, text only {text_only['all']:.3f}; per kind, stage 1 + 2: colour {mean('stage 1 + 2', k='colour')},
+shape {mean('stage 1 + 2', k='shape')}, count {mean('stage 1 + 2', k='count')}. Seen pairs, stage 1 + 2: shape
+{mean('stage 1 + 2', 'acc_in', 'shape')}. Shape on held-out pairs is the compositional failure notebook 10 explains
+(a colour never seen with a shape in training is taken as evidence against that shape).
 
 {figmd}""")
 
