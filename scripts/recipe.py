@@ -488,13 +488,17 @@ A budget this small shows the mechanics, not the result Meta reports: read the n
 """)
 
 
-def _adapter_data(tok):
-    "The adapter stage's data sets (built the same way in every worker from fixed seeds)."
+ADAPTER_CAPTIONS, ADAPTER_QA = 3000, 600              # training scenes of the adapter stage
+
+
+def _adapter_data(tok, train: bool = True):
+    "The adapter stage's test sets and (`train`) training sets, built the same way in every process from fixed seeds."
     from llama32_nb.adapter import SCENE_VISION, caption_set, qa_set
-    return dict(captions=caption_set(tok, SCENE_VISION, 3000, seed=10, noise=0.3),
-                qa=qa_set(tok, SCENE_VISION, 600, seed=11, dense=True),
-                test=qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True),    # a never-seen pair in every scene
-                test_in=qa_set(tok, SCENE_VISION, 300, seed=13))                # new scenes of seen pairs only
+    d = dict(test=qa_set(tok, SCENE_VISION, 300, seed=12, held_out=True),    # a never-seen pair in every scene
+             test_in=qa_set(tok, SCENE_VISION, 300, seed=13))                # new scenes of seen pairs only
+    if train: d.update(captions=caption_set(tok, SCENE_VISION, ADAPTER_CAPTIONS, seed=10, noise=0.3),
+                       qa=qa_set(tok, SCENE_VISION, ADAPTER_QA, seed=11, dense=True))
+    return d
 
 
 def _adapter_seed(seed: int, stage1: int, stage2: int, src, queue) -> tuple[list[dict], str]:
@@ -526,10 +530,10 @@ def stage_adapter(run: Run, stage1: int = 200, stage2: int = 400, seeds: tuple =
     src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
     llama, tok = load_artifacts(src)
     shipped = text_model_digest(llama)
-    d = _adapter_data(tok)
+    d = _adapter_data(tok, train=False)                         # the workers build the training sets
     text_only = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, d["test"])
     text_only_in = accuracy(Mllama.from_text_model(llama, SCENE_VISION), tok, d["test_in"])
-    train_qa = qa_set(tok, SCENE_VISION, 600, seed=11)
+    train_qa = qa_set(tok, SCENE_VISION, ADAPTER_QA, seed=11)        # the training scenes, one question each
     blind, blind_in = blind_accuracy(train_qa, d["test"]), blind_accuracy(train_qa, d["test_in"])
     kinds = list(text_only)
     bar = tqdm(total=len(seeds) * (stage1 + 2 * stage2), desc="adapter", unit="step")
@@ -577,15 +581,15 @@ def stage_adapter(run: Run, stage1: int = 200, stage2: int = 400, seeds: tuple =
     run.metrics["adapter"] = dict(text_only=text_only, text_only_in=text_only_in, blind=blind, blind_in=blind_in,
                                   runs=[dict(label=r["label"], seed=r["seed"], acc=r["acc"], acc_in=r["acc_in"]) for r in runs],
                                   summary=summary, text_model_unchanged=frozen, stage1=stage1, stage2=stage2,
-                                  captions=len(d["captions"]), qa=len(d["qa"]), test=len(d["test"]),
+                                  captions=ADAPTER_CAPTIONS, qa=ADAPTER_QA, test=len(d["test"]),
                                   test_in=len(d["test_in"]))
     mean = lambda lab, key="acc", k="all": (f"{summary[lab][f'{key}/{k}']['mean']:.3f} "
                                             f"(± {summary[lab][f'{key}/{k}']['spread'] / 2:.3f})")
     run.section("Cross-attention adapter (Llama 3.2 Vision in miniature)", f"""
 The tiny Llama frozen (sha256 of its weights after training, in every worker, {'equals' if frozen else 'DIFFERS FROM'}
 the shipped checkpoint's), a tiny encoder and one gated cross-attention block trained on synthetic scenes: stage 1 =
-{stage1} steps on {len(d['captions'])} captions, 30 % corrupted; stage 2 = {stage2} steps on the questions about
-{len(d['qa'])} scenes (a scene's questions as the turns of one sequence).
+{stage1} steps on {ADAPTER_CAPTIONS} captions, 30 % corrupted; stage 2 = {stage2} steps on the questions about
+{ADAPTER_QA} scenes (a scene's questions as the turns of one sequence).
 
 Accuracy on {len(d['test'])} held-out questions whose scenes hold a colour-shape pair never seen in training:
 
