@@ -937,22 +937,27 @@ def adapter_run(llama: Llama, tok: Tokenizer, captions: VisionExamples | None, q
     return AdapterRun("stage 1 + 2" if stage1_steps else "stage 2 only", seed, hist, accuracy(model, tok, test), model)
 
 # %% ../nbs/10_adapter.ipynb #7034d9f8
-def scene_prompt(tok: Tokenizer, scene: Scene, question: str, vision_config: VisionConfig = SCENE_VISION):
-    "`(ids, pixel_values, aspect_ratios)` of `<|begin_of_text|><|image|>Question: … Answer:` with the scene's image."
-    ims = collate_images([[ImageTransform(vision_config.image_size, vision_config.max_tiles)(draw_scene(scene))]],
+def scene_prompt(tok: Tokenizer, scene: Scene | Image.Image, question: str,
+                 vision_config: VisionConfig = SCENE_VISION):
+    """`(ids, pixel_values, aspect_ratios)` of `<|begin_of_text|><|image|>Question: … Answer:` with the scene's image,
+    or with a picture of any size (a photo: resized and tiled as Llama 3.2 Vision does, to at most `max_tiles`)."""
+    if isinstance(scene, Scene): image = draw_scene(scene)
+    elif isinstance(scene, Image.Image): image = scene.convert("RGB")
+    else: raise TypeError(f"scene must be a Scene or a PIL image, got {type(scene).__name__}")
+    ims = collate_images([[ImageTransform(vision_config.image_size, vision_config.max_tiles)(image)]],
                          vision_config.max_tiles)
     ids = [tok.special_tokens["<|begin_of_text|>"], tok.n_words] + tok.encode(qa_prompt(question))
     return ids, ims["pixel_values"], ims["aspect_ratios"]
 
 @torch.no_grad()
-def explain_answer(model: Mllama, tok: Tokenizer, scene: Scene, question: str, kind: str) -> dict:
-    """The model's answer to `question` about `scene` (the best of the candidates of `kind`), every candidate's
-    log-probability, and for each answer token a heatmap over the tiles of where that token's row looked
-    (cross-attention probabilities averaged over heads and blocks)."""
+def explain_answer(model: Mllama, tok: Tokenizer, scene: Scene | Image.Image, question: str, kind: str) -> dict:
+    """The model's answer to `question` about `scene` (a `Scene` or any picture; the best of the candidates of `kind`),
+    every candidate's log-probability, and for each answer token a heatmap over the tiles of where that token's row
+    looked (cross-attention probabilities averaged over heads and blocks)."""
     if kind not in CANDIDATES: raise ValueError(f"kind must be one of {list(CANDIDATES)}, got {kind!r}")
     ids, px, ar = scene_prompt(tok, scene, question, model.cfg.vision)
-    ex = scene_examples(tok, [scene], [(qa_prompt(question), " " + CANDIDATES[kind][0])], [0], model.cfg.vision,
-                        [kind], [CANDIDATES[kind][0]])
+    x = torch.tensor([ids])
+    ex = VisionExamples(x, x, px, ar, [kind], [CANDIDATES[kind][0]], [qa_prompt(question)])
     scores = answer_scores(model, tok, ex)[0]
     answer = max(scores, key=scores.get)
     body = tok.encode(" " + answer)
