@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import check_index_tensor, check_int
+from .core import check_index_tensor, check_int, init_randn
 from .tokenizer import ChatFormat, ImageRef, Message, Tokenizer, vision_mask
 from .generation import GenerationMixin, KVCache, _text_pieces, batch_prompts, prompt_list
 from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
@@ -238,7 +238,7 @@ class Mllama(nn.Module, GenerationMixin):
         self.text_model = text_model if text_model is not None else Llama(cfg.text, init=init, fast=fast)
         self.vision_model = VisionEncoder(cfg.vision, hf_compat=hf_compat, fast=fast)
         self.multi_modal_projector = nn.Linear(cfg.vision.out_dim, D, bias=True)
-        self.learnable_embedding = nn.Embedding(cfg.n_learnable, D)
+        self.learnable_embedding = nn.Embedding(cfg.n_learnable, D, _weight=init_randn(cfg.n_learnable, D))
         self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(cfg.text) for _ in cfg.schedule)
         self._vision: VisionContext | None = None          # images of a running generate / chat call
         if init and D and self.learnable_embedding.weight.device.type != "meta": self.init_adapter()

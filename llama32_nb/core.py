@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['is_int', 'check_int', 'check_number', 'check_index_tensor', 'set_seed', 'default_device', 'set_threads', 'cpu_model',
-           'data_dir']
+__all__ = ['is_int', 'check_int', 'check_number', 'check_index_tensor', 'set_seed', 'default_device', 'set_threads', 'init_randn',
+           'cpu_model', 'data_dir']
 
 # %% ../nbs/00_core.ipynb #2d8fc916
 def is_int(v) -> bool:
@@ -67,6 +67,14 @@ def set_threads(n: int | None = None) -> int:
     if n is None: n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(check_int(n, "the number of threads"))
     return n
+
+# %% ../nbs/00_core.ipynb #4715ee68
+def init_randn(*shape, std: float = 1.0) -> torch.Tensor:
+    """`std * torch.randn(*shape)` on the current default device, or `torch.empty(*shape)` there when that is `meta`
+    (even arithmetic on a meta tensor goes through those decompositions, hence `std` here)."""
+    if torch.empty(0).device.type == "meta": return torch.empty(*shape)
+    x = torch.randn(*shape)
+    return x if std == 1.0 else std * x
 
 # %% ../nbs/00_core.ipynb #5b7d2c90
 def cpu_model() -> str:

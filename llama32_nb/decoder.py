@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import check_index_tensor, check_int, check_number
+from .core import check_index_tensor, check_int, check_number, init_randn
 from .generation import GenerationMixin, KVCache
 from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
                                    resolve_dtype,
@@ -302,7 +302,7 @@ class Llama(nn.Module, GenerationMixin):
         super().__init__()
         if not isinstance(cfg, LlamaConfig): raise TypeError(f"Llama expects a LlamaConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=init_randn(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -26,7 +26,8 @@ __all__ = ['SYSTEM_PROMPT', 'STRING_OPS', 'TASK_KINDS', 'LETTERS', 'MAX_EXPR_CHA
            'encode_dialog', 'prompt_ids', 'Episode', 'rollout', 'gold_episode', 'edit_distance', 'oracle_score',
            'evaluate_policy', 'sft_batch', 'sft_loss', 'StageTrainer', 'sft_examples', 'episode_example', 'sft_config',
            'run_sft', 'RewardModel', 'reward_loss', 'Pair', 'pair_batch', 'rm_loss_fn', 'rm_scores', 'preference_pairs',
-           'pair_accuracy', 'spearman', 'train_reward_model', 'best_of_n_curve', 'rejection_sample']
+           'pair_accuracy', 'spearman', 'train_reward_model', 'best_of_n_curve', 'rejection_sample', 'transcript',
+           'ask', 'side_by_side']
 
 # %% ../nbs/13_posttrain.ipynb #a9547b34
 SYSTEM_PROMPT = "Environment: ipython\nTools: calc"
@@ -570,3 +571,25 @@ def rejection_sample(rm: RewardModel, fmt: ChatFormat, episodes: Sequence[Episod
     "The reward model's pick among each prompt's `num_samples` episodes (prompt-major)."
     r = rm_scores(rm, [e.tokens for e in episodes], fmt.tok.pad_id)
     return [episodes[max(range(i, i + num_samples), key=r.__getitem__)] for i in range(0, len(episodes), num_samples)]
+
+# %% ../nbs/13_posttrain.ipynb #fb3ea292
+def transcript(ep: Episode, tok: Tokenizer) -> list[tuple[str, str]]:
+    """The episode as chat turns `(role, text)`: the user's request, then each assistant message (special tokens it
+    generated written out) and, after a call, the `ipython` tool result the harness fed back."""
+    turns = [("user", ep.task.prompt)]
+    for k, m in enumerate(ep.messages):
+        turns.append(("assistant", tok.decode(m)))
+        if k < len(ep.results): turns.append(("ipython", ep.results[k]))
+    return turns
+
+def ask(model, fmt: ChatFormat, text: str, max_new_tokens: int = 72, max_turns: int = 2, temperature: float = 0.0,
+        seed: int | None = None) -> Episode:
+    "One conversation on free user `text` through the tool harness (greedy by default); an unscored `Task`."
+    if not isinstance(text, str): raise TypeError(f"text must be str, got {type(text).__name__}")
+    return rollout(model, fmt, [Task("free", text, "")], 1, temperature, seed=seed, max_new_tokens=max_new_tokens,
+                   max_turns=max_turns)[0]
+
+def side_by_side(models: dict, fmt: ChatFormat, text: str, **kw) -> dict[str, list[tuple[str, str]]]:
+    "`{name: transcript}` of each model's conversation on the same `text`."
+    return {name: transcript(ask(m, fmt, text, **kw), fmt.tok) for name, m in models.items()}
+

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from .core import check_int, check_number
+from .core import check_int, check_number, init_randn
 from .checkpoint import (CheckpointError, check_tensors, read_consolidated, read_json, read_safetensors_dir,
                                    resolve_dtype, write_safetensors_dir)
 from .kernels import SDPA, _agree, _rows, pick, time_kernels, use_fast_kernels
@@ -303,7 +303,7 @@ class TileEmbedding(nn.Module):
     "A gated per-tile vector: `x [B', T, L, D] + tanh(gate) * E[row, col]` for every real tile (Meta's layout)."
     def __init__(self, max_tiles: int, width: int):
         super().__init__()
-        self.embedding = nn.Parameter(torch.randn(max_tiles, max_tiles, 1, width) / math.sqrt(width))
+        self.embedding = nn.Parameter(init_randn(max_tiles, max_tiles, 1, width, std=1 / math.sqrt(width)))
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
@@ -448,9 +448,9 @@ class VisionEncoder(nn.Module):
         self.cfg, self.hf_compat = cfg, hf_compat
         D, T, N, s = cfg.width, cfg.max_tiles, cfg.n_tokens, cfg.width ** -0.5
         self.patch_embedding = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)
-        self.class_embedding = nn.Parameter(s * torch.randn(D))
-        self.positional_embedding = nn.Parameter(s * torch.randn(N, D))
-        self.tile_positional_embedding = nn.Parameter(s * torch.randn(T, T, N, D))
+        self.class_embedding = nn.Parameter(init_randn(D, std=s))
+        self.positional_embedding = nn.Parameter(init_randn(N, D, std=s))
+        self.tile_positional_embedding = nn.Parameter(init_randn(T, T, N, D, std=s))
         self.positional_gate = nn.Parameter(torch.zeros(1))
         self.pre_tile_embedding, self.post_tile_embedding = TileEmbedding(T, D), TileEmbedding(T, D)
         self.layernorm_pre, self.layernorm_post = nn.LayerNorm(D), nn.LayerNorm(D)
