@@ -68,7 +68,7 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(check_int(n, "the number of threads"))
     return n
 
-# %% ../nbs/00_core.ipynb #4715ee68
+# %% ../nbs/00_core.ipynb #cd362a87
 def init_randn(*shape, std: float = 1.0) -> torch.Tensor:
     """`std * torch.randn(*shape)` on the current default device, or `torch.empty(*shape)` there when that is `meta`
     (even arithmetic on a meta tensor goes through those decompositions, hence `std` here)."""

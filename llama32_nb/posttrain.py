@@ -572,7 +572,7 @@ def rejection_sample(rm: RewardModel, fmt: ChatFormat, episodes: Sequence[Episod
     r = rm_scores(rm, [e.tokens for e in episodes], fmt.tok.pad_id)
     return [episodes[max(range(i, i + num_samples), key=r.__getitem__)] for i in range(0, len(episodes), num_samples)]
 
-# %% ../nbs/13_posttrain.ipynb #fb3ea292
+# %% ../nbs/13_posttrain.ipynb #613e0a4f
 def transcript(ep: Episode, tok: Tokenizer) -> list[tuple[str, str]]:
     """The episode as chat turns `(role, text)`: the user's request, then each assistant message (special tokens it
     generated written out) and, after a call, the `ipython` tool result the harness fed back."""
