@@ -1,6 +1,6 @@
 """Benchmark: one distillation step — teacher forward without gradients, student forward and backward through the
 KD loss — with llama32_nb's models and `kd_loss` vs transformers' `LlamaForCausalLM` models with torchtune's
-`ForwardKLLoss`, on the same weights (the miniature's teacher — the tiny Llama's shape — and student), 2 threads.
+`ForwardKLLoss`, on the same weights (the miniature's teacher, `pruning.teacher_config`, and student, `distill.student_config`), 2 threads.
 
 Ours runs the step the way `Distiller.loss` does (the teacher under `torch.inference_mode()`), with the speed layer
 on (the package default) and off (plain modules). Rounds are interleaved ours/theirs; the table gives tokens/s of the
@@ -18,7 +18,7 @@ import transformers
 from llama32_nb.core import cpu_model, set_seed
 from llama32_nb.decoder import Llama, LlamaConfig, hf_name
 from llama32_nb.distill import Distiller, student_config
-from llama32_nb.pretraining import tiny_llama_config as teacher_config
+from llama32_nb.pruning import teacher_config
 from llama32_nb.kernels import use_fast_kernels
 
 torch.set_num_threads(2)

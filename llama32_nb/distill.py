@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from .core import set_seed, check_number
 from .decoder import Llama, LlamaConfig
 from .pretraining import TrainConfig, Trainer, evaluate, tiny_llama_config
-from .pruning import prune
+from .pruning import prune, teacher_config
 
 # %% auto #0
-__all__ = ['ARMS', 'kd_loss', 'kd_ce_loss', 'Distiller', 'student_config', 'topk_logits', 'kd_loss_topk', 'log_steps',
-           'train_student', 'distill_experiment', 'criteria_retraining', 'summarize', 'tokens_to_reach', 'headline',
-           'plot_experiment']
+__all__ = ['ARMS', 'kd_loss', 'kd_ce_loss', 'Distiller', 'student_config', 'student_shape', 'topk_logits', 'kd_loss_topk',
+           'log_steps', 'train_student', 'distill_experiment', 'criteria_retraining', 'summarize', 'tokens_to_reach',
+           'headline', 'plot_experiment']
 
 # %% ../nbs/12_distill.ipynb #b0c0315e
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -83,8 +83,14 @@ class Distiller(nn.Module):
 
 # %% ../nbs/12_distill.ipynb #1e7b7d77
 def student_config(vocab_size: int = 2048, **kw) -> LlamaConfig:
-    "The student of the miniature: the teacher's shape at half the width (hidden 128, SwiGLU 384), every head kept."
-    return tiny_llama_config(vocab_size, **{**dict(dim=128, ffn_dim=384, head_dim=32), **kw})
+    """The student of the miniature, pruned from the teacher on every axis as Minitron prunes: hidden 320 → 128,
+    SwiGLU 768 → 384, query heads 10 → 8 (4 per key-value group), blocks 5 → 4."""
+    return teacher_config(vocab_size, **{**dict(dim=128, ffn_dim=384, n_heads=8, n_layers=4, head_dim=32), **kw})
+
+def student_shape(vocab_size: int = 2048) -> dict:
+    "`prune` targets that turn the teacher into `student_config`'s shape."
+    s = student_config(vocab_size)
+    return dict(dim=s.dim, ffn_dim=s.ffn_dim, n_heads=s.n_heads, n_layers=s.n_layers)
 
 # %% ../nbs/12_distill.ipynb #a7a6e35a
 def topk_logits(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +145,8 @@ def distill_experiment(teacher: Llama, train: torch.Tensor, val: torch.Tensor, c
                        seeds=(0, 1), arms=ARMS, batch_size: int = 8, lr: float = 2e-3, shape: dict | None = None,
                        progress=None) -> dict:
     """Run every arm (`name -> (init, alpha)`, init 'scratch' or 'pruned') for `steps` on each seed. The pruned
-    student is `prune(teacher, calib, **shape)` (default: `student_config`'s hidden and FFN widths)."""
-    shape = shape or dict(dim=128, ffn_dim=384)
+    student is `prune(teacher, calib, **shape)` (default: `student_config`'s hidden, FFN, head and block counts)."""
+    shape = shape or student_shape(teacher.cfg.vocab_size)
     pruned = prune(teacher, calib, **shape)
     out = dict(teacher_val=evaluate(teacher, val), student_cfg=asdict(pruned.cfg), steps=steps, seeds=list(seeds),
                runs={})
@@ -160,7 +166,7 @@ def criteria_retraining(teacher: Llama, train: torch.Tensor, val: torch.Tensor, 
     """Per criterion (random, magnitude, activation under each aggregation): validation loss of the teacher pruned to
     `shape` right after pruning and after `steps` of KD retraining: `{criterion: {"pruned": l0, "retrained": l1}}`."""
     from llama32_nb.pruning import AGGREGATIONS, activation_importance, magnitude_importance, random_importance
-    shape = shape or dict(dim=128, ffn_dim=384)
+    shape = shape or student_shape(teacher.cfg.vocab_size)
     act = activation_importance(teacher, calib)
     crit = {"random": (random_importance(teacher, seed), "l2_mean"),
             "magnitude": (magnitude_importance(teacher), "l2_mean"),

@@ -574,9 +574,10 @@ def load_artifacts(path=None, device=None, dtype: torch.dtype = torch.float32):
     return model, Tokenizer.load(path / "tokenizer.model")
 
 def pretrain_tiny_llama(tok, out, model_cfg: LlamaConfig | None = None, train_cfg: TrainConfig | None = None,
-                        progress: bool = True, device=None, ckpt_every: int = 100, parallel: str | None = None):
+                        progress: bool = True, device=None, ckpt_every: int = 100, parallel: str | None = None,
+                        name: str = "tiny-llama"):
     """Train the tiny Llama on tiny Shakespeare; checkpoints in `out/checkpoint` (resumed if present), the final model
-    in `out/tiny-llama`. Returns the Trainer. Under `torchrun` every rank calls it and rank 0 writes."""
+    in `out/<name>`. Returns the Trainer. Under `torchrun` every rank calls it and rank 0 writes."""
     rank, world_size = init_distributed()
     out = Path(out)
     if rank == 0: out.mkdir(parents=True, exist_ok=True)
@@ -600,6 +601,6 @@ def pretrain_tiny_llama(tok, out, model_cfg: LlamaConfig | None = None, train_cf
                  final_val_loss=trainer.final_val_loss, val_perplexity=math.exp(trainer.final_val_loss),
                  processes=world_size, parallel=trainer.parallel, train_config=asdict(trainer.cfg))
     trainer.facts = facts
-    if rank == 0: save_artifacts(model, tok, out / "tiny-llama", extra=facts)
+    if rank == 0: save_artifacts(model, tok, out / name, extra=facts)
     if world_size > 1: dist.barrier()
     return trainer

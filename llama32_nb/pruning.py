@@ -8,14 +8,36 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 import torch
 from .core import check_index_tensor, check_int
-from .decoder import Llama, RMSNorm
-from .pretraining import evaluate
+from .decoder import Llama, LlamaConfig, RMSNorm
+from .pretraining import (evaluate, tiny_llama_config, tiny_train_config, pretrain_tiny_llama, load_artifacts,
+                                    artifacts_dir)
 
 # %% auto #0
-__all__ = ['AGGREGATIONS', 'METHODS', 'Accumulator', 'check_calib', 'activation_importance', 'rank_corr', 'magnitude_importance',
-           'random_importance', 'importance', 'PruneError', 'Keep', 'full_keep', 'check_keep', 'slice_model',
-           'zero_pruned', 'drop_loss_importance', 'select', 'prune', 'criteria_table', 'fraction_targets',
-           'prune_report']
+__all__ = ['TEACHER_STEPS', 'AGGREGATIONS', 'METHODS', 'teacher_config', 'train_teacher', 'load_teacher', 'Accumulator',
+           'check_calib', 'activation_importance', 'rank_corr', 'magnitude_importance', 'random_importance',
+           'importance', 'PruneError', 'Keep', 'full_keep', 'check_keep', 'slice_model', 'zero_pruned',
+           'drop_loss_importance', 'select', 'prune', 'criteria_table', 'fraction_targets', 'prune_report']
+
+# %% ../nbs/11_pruning.ipynb #7a170614
+def teacher_config(vocab_size: int = 2048, **kw) -> LlamaConfig:
+    "The teacher of the miniature: width 320, 5 blocks, 10 query / 2 key-value heads, SwiGLU 768, tied, 256 tokens."
+    return tiny_llama_config(vocab_size, **{**dict(dim=320, n_layers=5, n_heads=10, n_kv_heads=2, ffn_dim=768), **kw})
+
+TEACHER_STEPS = 400     # the shipped teacher's budget: the tiny Llama's (16 x 256 tokens a step)
+
+def train_teacher(tok, out, steps: int = TEACHER_STEPS, progress: bool = True, device=None):
+    """Pretrain the teacher as the tiny Llama is pretrained (same data, batch and schedule, scaled to `steps`);
+    resumable checkpoints in `out/checkpoint`, the model in `out/teacher-llama`. Returns the Trainer."""
+    cfg = tiny_train_config(max_steps=steps, warmup_steps=max(1, steps * 30 // 400), eval_every=max(1, steps // 8))
+    return pretrain_tiny_llama(tok, out, model_cfg=teacher_config(tok.vocab_size), train_cfg=cfg, progress=progress,
+                               device=device, name="teacher-llama")
+
+def load_teacher(path=None, device=None, dtype: torch.dtype = torch.float32):
+    "`(teacher, tokenizer)`: the shipped `artifacts/teacher-llama` (or the one saved at `path`), in eval mode."
+    path = artifacts_dir() / "teacher-llama" if path is None else path
+    try: return load_artifacts(path, device, dtype)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no teacher at {path}; run scripts/recipe.py --stages tokenizer,teacher") from None
 
 # %% ../nbs/11_pruning.ipynb #10b25c78
 AGGREGATIONS = ("l2_mean", "mean_mean", "l2_l2")   # (batch aggregation)_(sequence aggregation), as in Minitron

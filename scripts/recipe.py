@@ -27,6 +27,7 @@ class Run:
     "A run folder: artifacts, figures and a markdown report built section by section."
     def __init__(self, out: Path, ship: bool = False):
         self.out, self.ship = out, ship
+        self.teacher_steps: int | None = None
         out.mkdir(parents=True, exist_ok=True)
         self.sections: list[str] = []
         self.metrics: dict = {}
@@ -178,11 +179,54 @@ def stage_samples(run: Run):
     run.section("Samples", "80 new tokens per prompt from `tiny-llama/`.\n\n" + "\n".join(out))
 
 # ---------------------------------------------------------------------------------------------------
+RECIPE_TEACHER_STEPS = 120   # make recipe's budget for the teacher (30-minute recipe); --ship trains TEACHER_STEPS
+
+
+def stage_teacher(run: Run):
+    """Pretrain the teacher of the pruning/distillation miniature (width 320, 5 blocks, 5.6 M parameters) on the same
+    corpus and schedule as the tiny Llama; with --ship at the shipped budget and copied to artifacts/teacher-llama."""
+    import shutil
+    import torch
+    from llama32_nb.pruning import train_teacher, TEACHER_STEPS
+    from llama32_nb.pretraining import plot_history, load_artifacts, save_artifacts, evaluate, corpus_blocks, artifacts_dir
+    tok = _load_run_tokenizer(run)
+    steps = run.teacher_steps or (TEACHER_STEPS if run.ship else RECIPE_TEACHER_STEPS)
+    tr = train_teacher(tok, run.out / "teacher", steps=steps, progress=True)
+    f = tr.facts
+    _, val = corpus_blocks(tok, f["block_size"], progress=False)
+    m16, _ = load_artifacts(run.out / "teacher" / "teacher-llama", device=tr.device)
+    f["final_val_loss_bf16_weights"] = evaluate(m16.to(torch.bfloat16).float(), val, 16)
+    small = run.out / "tiny-llama"
+    tiny_val = evaluate(load_artifacts(small)[0], val, 16) if (small / "config.json").is_file() else None
+    if run.ship:
+        dest = artifacts_dir() / "teacher-llama"
+        if dest.exists(): shutil.rmtree(dest)
+        save_artifacts(tr.model, tok, dest, dtype=torch.bfloat16, extra=f)
+    run.metrics["teacher"] = {**{k: v for k, v in f.items() if k != "train_config"}, "tiny_llama_val": tiny_val}
+    rows = [["parameters", f"{f['params']:,}"], ["steps x tokens/step", f"{f['steps']} x {16 * f['block_size']:,}"],
+            ["training tokens", f"{f['train_tokens']:,} ({f['epochs']} epochs)"],
+            ["validation loss (all held-out blocks)", round(f["final_val_loss"], 3)],
+            ["validation loss, bf16-rounded weights", round(f["final_val_loss_bf16_weights"], 3)],
+            ["this run's tiny Llama (3.5 M, 400 steps), same blocks", "-" if tiny_val is None else round(tiny_val, 3)],
+            ["throughput", f"{f['tokens_per_second']:,} tokens/s ({cpu_model()}), {f['train_seconds']:.0f} s"]]
+    run.section("Teacher", f"""
+The "8B" of the pruning and distillation miniature: width 320, 5 blocks, 10 query / 2 key-value heads, SwiGLU 768
+({f['params']:,} parameters), pretrained like the tiny Llama for {steps} steps (`make recipe`'s budget is
+{RECIPE_TEACHER_STEPS} steps to keep the recipe within 30 minutes; the shipped `artifacts/teacher-llama` is trained
+for {TEACHER_STEPS} with `--stages tokenizer,teacher --ship`). The prune and distill stages below use this run's teacher.
+
+{md_table(["", "value"], rows)}
+{run.figure(plot_history(tr.history, title=f"teacher ({f['params'] / 1e6:.1f} M parameters)"), "teacher_loss.png",
+            "Teacher training loss per step and validation loss on the held-out tail.")}
+""")
+    return tr
+
+
 def _load_teacher(run: Run):
-    from llama32_nb.pretraining import load_artifacts
-    p = run.out / "tiny-llama"           # the teacher of the miniature: the pretraining stage's tiny Llama
-    if not (p / "config.json").is_file(): raise SystemExit(f"{p} is missing: run the pretraining stage first")
-    return load_artifacts(p)
+    from llama32_nb.pruning import load_teacher
+    p = run.out / "teacher" / "teacher-llama"        # the teacher of the miniature: the teacher stage's model
+    if not (p / "config.json").is_file(): raise SystemExit(f"{p} is missing: run the teacher stage first")
+    return load_teacher(p)
 
 def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0, 1), n_new: int = 16):
     """8da4w PTQ / QAT / QAT + LoRA of the tiny Llama and its GGUF exports (F32, Q8_0, Q4_0): validation loss, size,
@@ -309,7 +353,7 @@ def stage_prune(run: Run):
     imp = activation_importance(teacher, calib); bar.update()
     drop = drop_loss_importance(teacher, calib[:32]); bar.update()
     c = teacher.cfg
-    targets = {"FFN 1/2": dict(ffn_dim=c.ffn_dim // 2), "heads 1/2": dict(n_heads=c.n_heads // 2),
+    targets = {"FFN 1/2": dict(ffn_dim=c.ffn_dim // 2), "heads 1/2": dict(n_heads=c.n_heads // 2 // c.n_kv_heads * c.n_kv_heads),
                "hidden 1/2": dict(dim=c.dim // 2), "depth 1/2": dict(n_layers=c.n_layers // 2),
                "student (hidden 1/2, FFN 1/2)": dict(dim=c.dim // 2, ffn_dim=c.ffn_dim // 2)}
     table = criteria_table(teacher, calib[:32], val, targets); bar.update(); bar.close()
@@ -339,7 +383,7 @@ activations, RMSNorm outputs, block input/output cosine), and the validation los
 
 
 def stage_distill(run: Run):
-    """The Minitron experiment in miniature: the teacher (the tiny Llama) pruned to the student's shape then distilled, vs the same shape
+    """The Minitron experiment in miniature: the teacher stage's model pruned to the student's shape then distilled, vs the same shape
     from scratch, with CE and with KD, on the same tokens, 2 seeds; and the criteria after short KD retraining."""
     from llama32_nb.pretraining import corpus_blocks
     from llama32_nb.distill import distill_experiment, summarize, headline, plot_experiment, criteria_retraining
@@ -362,9 +406,9 @@ def stage_distill(run: Run):
     ratio = (f"{head['ratio']:.1f}×" if head["exact"] else f"≥ {head['ratio']:.1f}× (reached at the first evaluation)")
     tokens = res["runs"]["scratch CE"][0]["tokens"][-1]
     run.section("Distill", f"""
-Teacher: the pretraining stage's tiny Llama (validation loss {res['teacher_val']:.3f} on 16 held-out blocks), pruned
-to hidden 128 / SwiGLU 384 (all
-heads and blocks kept; activation importance, L2/mean), then trained {steps} steps × 8 × 256 tokens
+Teacher: the teacher stage's model ({teacher.num_params():,} parameters, validation loss {res['teacher_val']:.3f} on 16
+held-out blocks), pruned to hidden {res['student_cfg']['dim']} / SwiGLU {res['student_cfg']['ffn_dim']} / {res['student_cfg']['n_heads']} query heads /
+{res["student_cfg"]["n_layers"]} blocks (activation importance, L2/mean), then trained {steps} steps × 8 × 256 tokens
 ({tokens:,} tokens) with KD (forward KL, τ = 1, logits only) or CE; the same shape from scratch for comparison.
 Seeds {list(seeds)} (data order, and the scratch initialisation); "spread" is max − min over the seeds.
 
@@ -627,7 +671,7 @@ shape {mean('stage 1 + 2', k='shape')}, count {mean('stage 1 + 2', k='count')}. 
 
 
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
-          "vision": stage_vision, "adapter": stage_adapter, "prune": stage_prune, "distill": stage_distill,
+          "vision": stage_vision, "adapter": stage_adapter, "teacher": stage_teacher, "prune": stage_prune, "distill": stage_distill,
           "posttrain": stage_posttrain, "longctx": stage_longctx, "quantize": stage_quantize}
 
 
@@ -637,11 +681,14 @@ def main(argv=None):
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     ap.add_argument("--ship", action="store_true",
                     help="also overwrite the repository's shipped artifacts/ with this run's")
+    ap.add_argument("--teacher-steps", type=int, default=None,
+                    help="the teacher stage's steps (default: the shipped budget with --ship, else a shorter one)")
     args = ap.parse_args(argv)
     names = [s for s in args.stages.split(",") if s]
     if bad := [s for s in names if s not in STAGES]: ap.error(f"unknown stage(s) {bad}; known: {list(STAGES)}")
     set_seed(0); set_threads()
     run = Run(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"), ship=args.ship)
+    run.teacher_steps = args.teacher_steps
     t0 = time.time()
     for name in names:
         ts = time.time(); print(f"== stage {name}", flush=True)

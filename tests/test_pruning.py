@@ -192,3 +192,25 @@ def test_baselines_shapes_and_rank_corr(model):
     assert rank_corr(torch.tensor([1., 2, 3]), torch.tensor([3., 2, 1])) == pytest.approx(-1.0)
     assert fraction_targets(model, ffn=0.5, heads=0.5, hidden=0.5, depth=0.34) == dict(ffn_dim=40, n_heads=4, dim=24,
                                                                                         n_layers=1)
+
+
+def test_shipped_teacher_is_the_teacher_config_and_beats_the_student(tmp_path):
+    "The shipped teacher loads as `teacher_config`, stays within the artifact budget, and its recorded from-scratch "
+    "baseline (the student's shape on the teacher's budget) is worse by at least 0.15 nats on every seed."
+    import json
+    from llama32_nb.pruning import teacher_config, load_teacher
+    from llama32_nb.distill import student_config
+    from llama32_nb.pretraining import artifacts_dir
+    d = artifacts_dir() / "teacher-llama"
+    teacher, tok = load_teacher()
+    assert teacher.cfg == teacher_config(tok.vocab_size)
+    assert teacher.cfg.dim > 256 and teacher.cfg.n_layers > 4 and teacher.num_params() > 5_000_000
+    assert (d / "model.safetensors").stat().st_size <= 12 * 2**20
+    facts = json.loads((d / "training.json").read_text())
+    assert facts["params"] == teacher.num_params()
+    base = facts["student_from_scratch"]["seeds"]
+    assert len(base) >= 2 and all(r["params"] == Llama(student_config(tok.vocab_size)).num_params()
+                                  for r in base.values())
+    assert all(r["final_val_loss"] - facts["final_val_loss"] >= 0.15 for r in base.values())
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        load_teacher(tmp_path / "nowhere")
