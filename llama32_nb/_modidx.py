@@ -645,6 +645,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'llama32_nb.pruning.select': ('pruning.html#select', 'llama32_nb/pruning.py'),
                                     'llama32_nb.pruning.slice_model': ('pruning.html#slice_model', 'llama32_nb/pruning.py'),
                                     'llama32_nb.pruning.teacher_config': ('pruning.html#teacher_config', 'llama32_nb/pruning.py'),
+                                    'llama32_nb.pruning.teacher_train_config': ( 'pruning.html#teacher_train_config',
+                                                                                 'llama32_nb/pruning.py'),
                                     'llama32_nb.pruning.train_teacher': ('pruning.html#train_teacher', 'llama32_nb/pruning.py'),
                                     'llama32_nb.pruning.zero_pruned': ('pruning.html#zero_pruned', 'llama32_nb/pruning.py')},
             'llama32_nb.quant': { 'llama32_nb.quant.Int8Embedding': ('quant.html#int8embedding', 'llama32_nb/quant.py'),

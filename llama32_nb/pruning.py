@@ -13,10 +13,11 @@ from .pretraining import (evaluate, tiny_llama_config, tiny_train_config, pretra
                                     artifacts_dir)
 
 # %% auto #0
-__all__ = ['TEACHER_STEPS', 'AGGREGATIONS', 'METHODS', 'teacher_config', 'train_teacher', 'load_teacher', 'Accumulator',
-           'check_calib', 'activation_importance', 'rank_corr', 'magnitude_importance', 'random_importance',
-           'importance', 'PruneError', 'Keep', 'full_keep', 'check_keep', 'slice_model', 'zero_pruned',
-           'drop_loss_importance', 'select', 'prune', 'criteria_table', 'fraction_targets', 'prune_report']
+__all__ = ['TEACHER_STEPS', 'AGGREGATIONS', 'METHODS', 'teacher_config', 'teacher_train_config', 'train_teacher', 'load_teacher',
+           'Accumulator', 'check_calib', 'activation_importance', 'rank_corr', 'magnitude_importance',
+           'random_importance', 'importance', 'PruneError', 'Keep', 'full_keep', 'check_keep', 'slice_model',
+           'zero_pruned', 'drop_loss_importance', 'select', 'prune', 'criteria_table', 'fraction_targets',
+           'prune_report']
 
 # %% ../nbs/11_pruning.ipynb #7a170614
 def teacher_config(vocab_size: int = 2048, **kw) -> LlamaConfig:
@@ -25,10 +26,15 @@ def teacher_config(vocab_size: int = 2048, **kw) -> LlamaConfig:
 
 TEACHER_STEPS = 400     # the shipped teacher's budget: the tiny Llama's (16 x 256 tokens a step)
 
+def teacher_train_config(steps: int = TEACHER_STEPS, **kw):
+    "The tiny Llama's `TrainConfig` (batch, peak lr, schedule), its warmup and evaluations scaled to `steps`."
+    return tiny_train_config(**{**dict(max_steps=steps, warmup_steps=max(1, steps * 30 // 400),
+                                       eval_every=max(1, steps // 8)), **kw})
+
 def train_teacher(tok, out, steps: int = TEACHER_STEPS, progress: bool = True, device=None):
     """Pretrain the teacher as the tiny Llama is pretrained (same data, batch and schedule, scaled to `steps`);
     resumable checkpoints in `out/checkpoint`, the model in `out/teacher-llama`. Returns the Trainer."""
-    cfg = tiny_train_config(max_steps=steps, warmup_steps=max(1, steps * 30 // 400), eval_every=max(1, steps // 8))
+    cfg = teacher_train_config(steps)
     return pretrain_tiny_llama(tok, out, model_cfg=teacher_config(tok.vocab_size), train_cfg=cfg, progress=progress,
                                device=device, name="teacher-llama")
 

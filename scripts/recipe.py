@@ -203,7 +203,7 @@ def stage_teacher(run: Run):
         if dest.exists(): shutil.rmtree(dest)
         save_artifacts(tr.model, tok, dest, dtype=torch.bfloat16, extra=f)
     run.metrics["teacher"] = {**{k: v for k, v in f.items() if k != "train_config"}, "tiny_llama_val": tiny_val}
-    rows = [["parameters", f"{f['params']:,}"], ["steps x tokens/step", f"{f['steps']} x {16 * f['block_size']:,}"],
+    rows = [["parameters", f"{f['params']:,}"], ["steps x tokens/step", f"{f['steps']} x {f['train_config']['batch_size'] * f['block_size']:,}"],
             ["training tokens", f"{f['train_tokens']:,} ({f['epochs']} epochs)"],
             ["validation loss (all held-out blocks)", round(f["final_val_loss"], 3)],
             ["validation loss, bf16-rounded weights", round(f["final_val_loss_bf16_weights"], 3)],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from llama32_nb.core import cpu_model, set_threads
 from llama32_nb.distill import student_config
-from llama32_nb.pretraining import artifacts_dir, pretrain_tiny_llama, tiny_train_config
-from llama32_nb.pruning import TEACHER_STEPS
+from llama32_nb.pretraining import artifacts_dir, pretrain_tiny_llama
+from llama32_nb.pruning import teacher_train_config
 from llama32_nb.tokenizer import Tokenizer
 
 
@@ -26,8 +26,7 @@ def main(argv=None):
     set_threads(args.threads)
     dest = artifacts_dir() / "teacher-llama" / "training.json"
     tok = Tokenizer.load(artifacts_dir() / "tiny-llama" / "tokenizer.model")   # the teacher's (same corpus vocabulary)
-    cfg = tiny_train_config(max_steps=TEACHER_STEPS, warmup_steps=max(1, TEACHER_STEPS * 30 // 400),
-                            eval_every=max(1, TEACHER_STEPS // 8))             # as `train_teacher` trains
+    cfg = teacher_train_config()                                               # as `train_teacher` trains
     runs = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         tr = pretrain_tiny_llama(tok, args.out / f"seed{seed}", model_cfg=student_config(tok.vocab_size),
