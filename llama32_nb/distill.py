@@ -21,7 +21,7 @@ from .pruning import prune, teacher_config
 # %% auto #0
 __all__ = ['ARMS', 'kd_loss', 'kd_ce_loss', 'Distiller', 'student_config', 'student_shape', 'topk_logits', 'kd_loss_topk',
            'log_steps', 'train_student', 'distill_experiment', 'criteria_retraining', 'summarize', 'tokens_to_reach',
-           'headline', 'plot_experiment']
+           'headline', 'plot_experiment', 'width_depth_pair', 'width_vs_depth']
 
 # %% ../nbs/12_distill.ipynb #b0c0315e
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -35,9 +35,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         raise ValueError(f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} "
                          f"and {tuple(teacher_logits.shape)}")
     tau = check_number(temperature, "temperature", 0, lo_open=True)
-    ls = F.log_softmax(student_logits.float() / tau, dim=-1)
-    lt = F.log_softmax(teacher_logits.detach().float() / tau, dim=-1)
-    kl = (lt.exp() * (lt - ls)).masked_fill(torch.isneginf(lt), 0.0).sum(-1)       # [...]: KL per position
+    s, t = student_logits.float(), teacher_logits.detach().float()
+    if tau != 1: s, t = s / tau, t / tau
+    ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    lt = lt.clamp(min=torch.finfo(lt.dtype).min)        # a masked (-inf) teacher logit: p = 0, and 0 · finite = 0
+    kl = (lt.exp() * (lt - ls)).sum(-1)                                              # [...]: KL per position
     if targets is None: return kl.mean()
     if targets.shape != kl.shape:
         raise ValueError(f"targets must have shape {tuple(kl.shape)} (the logits without the vocabulary axis), got "
@@ -222,3 +224,33 @@ def plot_experiment(res: dict, ax=None, title: str | None = None):
     ax.grid(alpha=0.3); ax.legend(fontsize=8)
     if title: ax.set_title(title)
     return ax.figure
+
+# %% ../nbs/12_distill.ipynb #46de65b4
+def width_depth_pair(teacher: Llama, n_layers: int, multiple: int = 8) -> dict:
+    """`prune` targets of (nearly) equal size: `depth` drops blocks down to `n_layers`; `width` keeps every block and
+    cuts the SwiGLU width (a multiple of `multiple` neurons) to the parameter count closest to the depth target's."""
+    c = teacher.cfg
+    if not (isinstance(n_layers, int) and 1 <= n_layers < c.n_layers):
+        raise ValueError(f"n_layers={n_layers!r} must be an int between 1 and {c.n_layers - 1} (the teacher has "
+                         f"{c.n_layers} blocks)")
+    removed = (c.n_layers - n_layers) * sum(p.numel() for p in teacher.layers[0].parameters())
+    per_neuron = 3 * c.dim * c.n_layers                     # w1, w3 rows and a w2 column in every block
+    ffn = round((c.ffn_dim - removed / per_neuron) / multiple) * multiple
+    if ffn < multiple: raise ValueError(f"no width target matches {n_layers} blocks: the SwiGLU would need {ffn} neurons")
+    return dict(width=dict(ffn_dim=ffn), depth=dict(n_layers=n_layers))
+
+def width_vs_depth(teacher: Llama, train: torch.Tensor, val: torch.Tensor, calib: torch.Tensor, steps: int,
+                   n_layers: int, seeds=(0, 1), batch_size: int = 8, lr: float = 2e-3, progress=None) -> dict:
+    """The teacher pruned by width and by depth to the same size (`width_depth_pair`), each retrained with KD for
+    `steps` on every seed; in `distill_experiment`'s format (so `summarize`, `plot_experiment` apply), plus `shapes`."""
+    import copy
+    out = dict(teacher_val=evaluate(teacher, val), steps=steps, seeds=list(seeds), shapes={}, runs={})
+    for name, shape in width_depth_pair(teacher, n_layers).items():
+        pruned = prune(teacher, calib, **shape)
+        out["shapes"][name] = dict(**shape, params=pruned.num_params(), config=asdict(pruned.cfg))
+        for seed in seeds:
+            set_seed(seed)
+            out["runs"].setdefault(name, []).append(train_student(copy.deepcopy(pruned), teacher, train, val, steps,
+                                                                  seed, 1.0, batch_size, lr))
+            if progress: progress(name, seed)
+    return out

@@ -386,20 +386,36 @@ def stage_distill(run: Run):
     """The Minitron experiment in miniature: the teacher stage's model pruned to the student's shape then distilled, vs the same shape
     from scratch, with CE and with KD, on the same tokens, 2 seeds; and the criteria after short KD retraining."""
     from llama32_nb.pretraining import corpus_blocks
-    from llama32_nb.distill import distill_experiment, summarize, headline, plot_experiment, criteria_retraining
+    from llama32_nb.distill import (distill_experiment, summarize, headline, plot_experiment, criteria_retraining,
+                                    width_vs_depth)
+    from llama32_nb.pretraining import artifacts_dir
     teacher, tok = _load_teacher(run)
     train, val = corpus_blocks(tok, teacher.cfg.max_seq_len, progress=False)
     calib, val = train[:64, :-1], val[:16]
     steps, seeds, retrain = 24, (0, 1), 8
     arms = ["scratch CE", "scratch KD", "pruned CE", "pruned KD"]
-    bar = tqdm(total=len(arms) * len(seeds) + 1, desc="distill", unit="run")
+    bar = tqdm(total=(len(arms) + 2) * len(seeds) + 1, desc="distill", unit="run")
     t0 = time.time()
     res = distill_experiment(teacher, train, val, calib, steps=steps, seeds=seeds, progress=lambda *a: bar.update())
-    crit = criteria_retraining(teacher, train, val, calib, steps=retrain); bar.update(); bar.close()
-    summ, head = summarize(res), headline(res)
+    crit = criteria_retraining(teacher, train, val, calib, steps=retrain); bar.update()
+    wd = width_vs_depth(teacher, train, val, calib, steps=retrain, n_layers=teacher.cfg.n_layers - 2, seeds=seeds,
+                        progress=lambda *a: bar.update())
+    bar.close()
+    summ, head, wsum = summarize(res), headline(res), summarize(wd)
     run.metrics["distill"] = dict(summary=summ, headline=head, criteria=crit, teacher_val=res["teacher_val"],
                                   steps=steps, seeds=list(seeds), seconds=round(time.time() - t0, 1),
-                                  runs=res["runs"])
+                                  runs=res["runs"], width_vs_depth=dict(summary=wsum, shapes=wd["shapes"]))
+    wrows = [[n, f"{wd['shapes'][n]['params']:,}", round(s["start"], 3), round(s["final"], 3), round(s["spread"], 3)]
+             for n, s in wsum.items()]
+    shipped = artifacts_dir() / "teacher-llama" / "distill_experiment.json"
+    if shipped.exists():
+        f = json.loads(shipped.read_text()); fs, fh = f["summary"], f["headline"]
+        full = (f"The full-budget run shipped with the teacher (`scripts/distill_experiment.py`, {f['experiment']['steps']} "
+                f"steps per arm, seeds {f['experiment']['seeds']}, on {f['cpu']}): pruned KD {fs['pruned KD']['final']:.3f} "
+                f"(spread {fs['pruned KD']['spread']:.3f}) against scratch CE {fs['scratch CE']['final']:.3f} (spread "
+                f"{fs['scratch CE']['spread']:.3f}); prune + KD reaches scratch CE's final loss with "
+                f"{'' if fh['exact'] else '≥ '}{fh['ratio']:.1f}× fewer tokens.")
+    else: full = "(No shipped full-budget run found: `python scripts/distill_experiment.py` writes one.)"
     gap = summ["scratch CE"]["final"] - summ["pruned KD"]["final"]
     rows = [[n, round(s["start"], 3), round(s["final"], 3), round(s["spread"], 3)] for n, s in summ.items()]
     crows = [[n, round(r["pruned"], 3), round(r["retrained"], 3)] for n, r in crit.items()]
@@ -422,6 +438,11 @@ Seeds {list(seeds)} (data order, and the scratch initialisation); "spread" is ma
 Criteria, each pruned student retrained {retrain} KD steps (seed 0):
 
 {md_table(["criterion", "right after pruning", f"after {retrain} KD steps"], crows)}
+Width vs depth at equal size: the teacher pruned to {wd['shapes']['depth']['n_layers']} blocks (depth) or to SwiGLU
+{wd['shapes']['width']['ffn_dim']} in all {teacher.cfg.n_layers} blocks (width), each retrained {retrain} KD steps on seeds {list(seeds)}:
+
+{md_table(["pruned by", "parameters", "right after pruning", f"after {retrain} KD steps", "spread"], wrows)}
+{full}
 """)
     return res
 

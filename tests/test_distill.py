@@ -12,7 +12,7 @@ from llama32_nb.decoder import Llama, LlamaConfig
 from llama32_nb.pretraining import TrainConfig, Trainer, pack_blocks, split_blocks
 from llama32_nb.distill import (kd_loss, kd_ce_loss, topk_logits, kd_loss_topk, Distiller, log_steps,
                                 tokens_to_reach, headline, summarize, train_student, distill_experiment,
-                                plot_experiment)
+                                plot_experiment, width_depth_pair, width_vs_depth)
 
 torch.set_num_threads(2)
 V = 61
@@ -176,3 +176,42 @@ def test_experiment_bookkeeping(blocks):
     assert h["budget"] == 192 and h["ratio"] == pytest.approx(192 / h["tokens_needed"])
     fig = plot_experiment(res)                     # the recipe's figure, from the module alone (imports included)
     assert len(fig.axes[0].get_lines()) == 5       # four arms and the teacher
+
+
+def test_width_depth_pair_equal_size_and_errors(blocks):
+    train, val = blocks
+    set_seed(0); teacher = Llama(tiny(dim=32, layers=4, ffn=64), fast=False)
+    pair = width_depth_pair(teacher, 2)
+    assert pair["depth"] == dict(n_layers=2) and set(pair["width"]) == {"ffn_dim"} and pair["width"]["ffn_dim"] % 8 == 0
+    from llama32_nb.pruning import prune
+    sizes = {k: prune(teacher, train[:4, :-1], **v).num_params() for k, v in pair.items()}
+    per_step = 3 * teacher.cfg.dim * teacher.cfg.n_layers * 8          # what one step of 8 neurons changes
+    assert abs(sizes["width"] - sizes["depth"]) <= per_step / 2
+    for bad in (0, 4, 5, 2.0):
+        with pytest.raises(ValueError, match="n_layers"): width_depth_pair(teacher, bad)
+    res = width_vs_depth(teacher, train, val[:4], train[:8, :-1], steps=2, n_layers=2, seeds=(0, 1), batch_size=2)
+    assert set(res["runs"]) == {"width", "depth"} and all(len(r) == 2 for r in res["runs"].values())
+    assert res["shapes"]["depth"]["config"]["n_layers"] == 2 and res["shapes"]["width"]["params"] == sizes["width"]
+    s = summarize(res)                             # the experiment's summary functions apply unchanged
+    assert s["width"]["start"] == res["runs"]["width"][1]["val_loss"][0]   # both seeds start from the same pruned model
+
+
+def test_shipped_distill_experiment_belongs_to_the_shipped_teacher():
+    """`artifacts/teacher-llama/distill_experiment.json` (written by scripts/distill_experiment.py) is the experiment on
+    the shipped teacher and student shape, on >= 2 seeds, and its summaries follow from its own raw curves."""
+    import json
+    from llama32_nb.pretraining import artifacts_dir, corpus_blocks, evaluate
+    from llama32_nb.pruning import load_teacher
+    from llama32_nb.distill import student_shape
+    f = json.loads((artifacts_dir() / "teacher-llama" / "distill_experiment.json").read_text())
+    res = f["experiment"]
+    assert f["student_shape"] == student_shape() and len(res["seeds"]) >= 2
+    assert set(res["runs"]) == {"scratch CE", "scratch KD", "pruned CE", "pruned KD"}
+    budgets = {r["tokens"][-1] for runs in res["runs"].values() for r in runs}
+    assert budgets == {res["steps"] * f["batch_size"] * f["block"]}                    # equal token budgets
+    for got, want in ((summarize(res), f["summary"]), (summarize(f["width_vs_depth"]), f["width_vs_depth_summary"])):
+        assert set(got) == set(want) and all(got[k] == pytest.approx(want[k]) for k in got)
+    assert headline(res) == pytest.approx(f["headline"])
+    teacher, tok = load_teacher()
+    _, val = corpus_blocks(tok, teacher.cfg.max_seq_len, progress=False)
+    assert evaluate(teacher, val[:f["val_blocks"]]) == pytest.approx(res["teacher_val"], abs=1e-4)
