@@ -6,7 +6,7 @@ checkpoint format — the scheme of Llama 3.2's phone releases, from first princ
 
 # %% ../nbs/16_quant.ipynb #22a831dd
 from __future__ import annotations
-import json
+import dataclasses, json
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -20,8 +20,9 @@ from .kernels import use_fast_kernels
 __all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'quantize_groupwise', 'dequantize_groupwise',
            'per_token_qparams', 'fake_quant_per_token', 'ste', 'fake_quant_weight', 'Linear8da4w', 'QATLinear',
            'Int8Embedding', 'Int8Linear', 'quantize_8da4w', 'prepare_qat', 'quantize_eo8', 'add_lora',
-           'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'check_quantization_args',
-           'save_meta_quantized', 'load_meta_quantized']
+           'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'hadamard_factors', 'hadamard',
+           'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args', 'save_meta_quantized',
+           'load_meta_quantized']
 
 # %% ../nbs/16_quant.ipynb #ae0bc387
 class QuantizationError(ValueError):
@@ -241,7 +242,7 @@ def model_bytes(model: nn.Module) -> int:
             if t is None or id(t) in seen or (isinstance(m, Linear8da4w) and name == "zeros"): continue
             seen.add(id(t))
             if isinstance(m, Linear8da4w) and name == "weight": total += t.numel() * m.bits // 8
-            elif isinstance(m, Int8Embedding) and name == "weight": total += t.numel()
+            elif isinstance(m, _Int8Rows) and name == "weight": total += t.numel()
             else: total += t.numel() * t.element_size()
     return total
 
@@ -287,6 +288,109 @@ def val_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> flo
     for i in range(0, len(blocks), batch_size):
         b = blocks[i:i + batch_size]; tot += model.loss(b[:, :-1], b[:, 1:]).item() * len(b)
     return tot / len(blocks)
+
+# %% ../nbs/16_quant.ipynb #c0eab386
+def _paley(q: int) -> torch.Tensor:
+    "Paley's construction I: a Hadamard matrix of order q + 1 from the quadratic residues mod a prime q ≡ 3 (mod 4)."
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
+    Q = chi[(torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q]          # Jacobsthal: Q[i, j] = χ(j − i)
+    S = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, Q
+    return torch.eye(q + 1, dtype=torch.float64) + S
+
+def hadamard_factors(n: int) -> tuple[int, int]:
+    "`(m, p)` with `n = m · p`, `p` a power of 2 and `m` in (1, 12, 20): the orders `hadamard` can build."
+    n = check_int(n, "Hadamard order", 1)
+    p = n & -n                                                    # the largest power of 2 dividing n
+    if n // p not in (1, 3, 5):
+        raise QuantizationError(f"no Hadamard matrix of order {n} here: it must be 2^k, 12·2^k or 20·2^k")
+    m = {1: 1, 3: 12, 5: 20}[n // p]
+    return m, n // m
+
+def hadamard(n: int) -> torch.Tensor:
+    """An `n × n` Hadamard matrix in float64 (entries ±1, `H Hᵀ = n·I`): `H_m ⊗ H_p`, Sylvester's `H_p` for the
+    power-of-2 part and Paley's order 12 or 20 for the rest, as QuaRot and SpinQuant build non-power-of-2 sizes."""
+    m, p = hadamard_factors(n)
+    Hp = torch.ones(1, 1, dtype=torch.float64)
+    while Hp.shape[0] < p: Hp = torch.cat([torch.cat([Hp, Hp], 1), torch.cat([Hp, -Hp], 1)], 0)
+    return Hp if m == 1 else torch.kron(_paley(m - 1), Hp)
+
+def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
+    "The orthogonal `diag(±1) · H / √n` with random signs from `seed` (QuaRot's and SpinQuant's random Hadamard)."
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    return signs[:, None] * hadamard(n) / n ** 0.5
+
+# %% ../nbs/16_quant.ipynb #5b3071e8
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    "The unnormalised fast Walsh–Hadamard transform over the last axis (a power of 2): `x @ H` in `n log n` adds."
+    n = x.shape[-1]
+    if n & (n - 1): raise QuantizationError(f"fwht needs a power-of-2 width, got {n}")
+    y, h = x, 1
+    while h < n:
+        y = y.reshape(*x.shape[:-1], n // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return y.reshape(x.shape)
+
+class HadamardInput(nn.Module):
+    """`linear(x @ H / √n)` with `H = hadamard(n)`, applied online by a fast transform (no matrix stored): the
+    rotation ExecuTorch's `--use_spin_quant native` applies to the input of `w2`. `linear` is a child module, so a
+    quantization swap replaces it and quantizes the *rotated* input."""
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear, self.n = linear, linear.in_features
+        self.m, self.p = hadamard_factors(self.n)
+        self.register_buffer("base", _paley(self.m - 1).float() if self.m > 1 else None, persistent=False)
+    in_features = property(lambda self: self.linear.in_features)
+    out_features = property(lambda self: self.linear.out_features)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        "`x @ hadamard(n) / √n` over the last axis."
+        y = fwht(x.unflatten(-1, (self.m, self.p)))                     # H_p on the power-of-2 part
+        if self.base is not None: y = torch.einsum("...ab,ac->...cb", y, self.base.to(y.dtype))   # H_m on the rest
+        return y.flatten(-2) / self.n ** 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.linear(self.transform(x))
+    def extra_repr(self): return f"online Hadamard of order {self.n} = {self.m} x {self.p}"
+
+# %% ../nbs/16_quant.ipynb #035738a9
+@torch.no_grad()
+def rotate(model: Llama, seed: int = 0, online: bool = True) -> Llama:
+    """A new `Llama` computing the same function (up to rounding) with its residual stream rotated by the random
+    Hadamard `R1 = random_hadamard(dim, seed)`: every RMSNorm scale folded into the linears that read it (the norms
+    become 1), the embedding and the linears writing the residual multiplied by `R1`, those reading it by `R1ᵀ`, the
+    output head untied. With `online`, a `HadamardInput` (R4) before every `down_proj`, its inverse folded into the
+    weight. `model` is left unchanged."""
+    if not isinstance(model, Llama): raise TypeError(f"rotate needs a Llama, got {type(model).__name__}")
+    if any(isinstance(m, HadamardInput) for m in model.modules()): raise QuantizationError("model is already rotated")
+    c = model.cfg
+    hadamard_factors(c.dim)                                                    # fail before building anything
+    if online: hadamard_factors(c.ffn_dim)
+    p0 = next(model.parameters())
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    R = random_hadamard(c.dim, seed)
+    H4 = hadamard(c.ffn_dim) / c.ffn_dim ** 0.5
+    out = {"embed_tokens.weight": sd["embed_tokens.weight"] @ R,
+           "norm.weight": torch.ones(c.dim, dtype=torch.float64),
+           "lm_head.weight": (sd["lm_head.weight"] * sd["norm.weight"]) @ R}
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        g1, g2 = sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"]
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            out[p + n + ".weight"] = (sd[p + n + ".weight"] * g1) @ R
+        for n in ("mlp.gate_proj", "mlp.up_proj"): out[p + n + ".weight"] = (sd[p + n + ".weight"] * g2) @ R
+        out[p + "self_attn.o_proj.weight"] = R.T @ sd[p + "self_attn.o_proj.weight"]
+        down = R.T @ sd[p + "mlp.down_proj.weight"]
+        out[p + "mlp.down_proj.weight"] = down @ H4 if online else down
+        for n in ("input_layernorm", "post_attention_layernorm"): out[p + n + ".weight"] = torch.ones(c.dim).double()
+    new = Llama(dataclasses.replace(c, tie_embeddings=False), init=False, fast=False).to(device=p0.device)
+    new.load_state_dict({k: v.float() for k, v in out.items()})
+    new.to(p0.dtype)
+    if online:
+        for blk in new.layers: blk.mlp.down_proj = HadamardInput(blk.mlp.down_proj)
+    return use_fast_kernels(new, model.fast)
 
 # %% ../nbs/16_quant.ipynb #90ba80b7
 SCHEME = "int4_weight_int8_dynamic_activation"

@@ -235,7 +235,7 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     import torch
     from llama32_nb.pretraining import corpus_blocks, load_artifacts, artifacts_dir
     from llama32_nb.quant import (add_lora, finetune, model_bytes, prepare_qat, quantize_8da4w, quantize_eo8,
-                                  val_loss)
+                                  rotate, val_loss)
     from llama32_nb.export import export_gguf, load_gguf
     src = run.out / "tiny-llama"
     if not (src / "config.json").is_file(): src = artifacts_dir() / "tiny-llama"   # the shipped model
@@ -245,12 +245,16 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     rows, metrics = {}, {}
     def add(name, model, size, losses):
         rows[name] = dict(bytes=size, loss=sum(losses) / len(losses), spread=max(losses) - min(losses), model=model)
-    bar = tqdm(total=3 + 2 * len(seeds), desc="quantize", unit="model")
+    bar = tqdm(total=3 + 3 * len(seeds), desc="quantize", unit="model")
     add("fp32", base, model_bytes(base), [val_loss(base, val)]); bar.update()
     b16 = copy.deepcopy(base).to(torch.bfloat16)
     add("bf16", b16, model_bytes(b16), [val_loss(b16, val)]); bar.update()
     ptq = quantize_eo8(quantize_8da4w(copy.deepcopy(base)))
     add("8da4w + EO8, PTQ", ptq, model_bytes(ptq), [val_loss(ptq, val)]); bar.update()
+    rot_l = []
+    for seed in seeds:                                        # SpinQuant's random-Hadamard start, not learned
+        rq = quantize_eo8(quantize_8da4w(rotate(base, seed))); rot_l.append(val_loss(rq, val)); bar.update()
+    add("8da4w + EO8, PTQ, random Hadamard R1 + R4", rq, model_bytes(rq), rot_l)
     qat_l, lora_l = [], []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -299,7 +303,9 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
 The tiny Llama quantized as Llama 3.2's edge releases are (8da4w: int4 weights in groups of 32 with int8 dynamic
 per-token activations in every block linear, per-row int8 embedding/output "EO8"), three ways: post-training (PTQ),
 {qat_steps} steps of quantization-aware training (QAT, lr 1e-4, 4 x 128 tokens a step), and QAT followed by
-{lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone. QAT and LoRA rows are the mean over seeds
+{lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone; and PTQ after a random-Hadamard rotation of
+the residual stream (R1, folded into the weights) with an online Hadamard before every `down_proj` (R4), SpinQuant's
+starting point without its learned rotation (notebook 16). QAT, LoRA and rotated rows are the mean over seeds
 {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with `load_gguf`. Validation loss
 on the first 16 held-out blocks. Decode speed: {n_new} greedy tokens with the KV cache, best of two interleaved rounds,
 2 threads on {cpu_model()}; our 8da4w modules *simulate* the integer arithmetic in fp32 (fake quantization), so they

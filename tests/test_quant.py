@@ -7,7 +7,8 @@ from llama32_nb.checkpoint import CheckpointError
 from llama32_nb.decoder import Llama, LlamaConfig
 from llama32_nb.quant import (Int8Embedding, Linear8da4w, QATLinear, QuantizationError, add_lora, dequantize_groupwise,
                               fake_quant_per_token, load_meta_quantized, model_bytes, prepare_qat, quantize_8da4w,
-                              quantize_eo8, quantize_groupwise, save_meta_quantized)
+                              quantize_eo8, quantize_groupwise, save_meta_quantized, hadamard, hadamard_factors,
+                              random_hadamard, fwht, HadamardInput, rotate, layer_errors)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,19 @@ def test_quantized_model_cached_decode_and_lora():
     assert model_bytes(m) < model_bytes(_model(1))
 
 
+def test_model_bytes_counts_what_a_deployed_file_stores():
+    for tie in (True, False):
+        m = _model(0, tie_embeddings=tie)
+        c = m.cfg
+        fp32 = model_bytes(m)
+        assert fp32 == 4 * sum(p.numel() for p in m.parameters())             # shared tensors once
+        q = quantize_eo8(quantize_8da4w(m))
+        heads = 1 if tie else 2                                                # int8 values + fp32 row scales
+        block = sum(l.weight.numel() // 2 + l.scales.numel() * 4 for l in q.modules() if isinstance(l, Linear8da4w))
+        norms = 4 * c.dim * (2 * c.n_layers + 1)
+        assert model_bytes(q) == heads * c.vocab_size * (c.dim + 4) + block + norms
+
+
 def test_group_size_must_divide():
     m = _model()
     with pytest.raises(QuantizationError, match="does not divide"):
@@ -170,3 +184,66 @@ def test_dequantize_is_inverse_on_grid():
     s = torch.rand(6, 2) + 0.1
     q2, s2 = quantize_groupwise(dequantize_groupwise(q, s) , 4, 32)
     torch.testing.assert_close(dequantize_groupwise(q2, s2), dequantize_groupwise(q, s), rtol=0.07, atol=0.2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 12, 24, 20, 320, 768])
+def test_hadamard_matrices(n):
+    H = hadamard(n)
+    assert H.shape == (n, n) and set(H.abs().unique().tolist()) == {1.0}
+    assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))
+    Q = random_hadamard(n, 3)
+    torch.testing.assert_close(Q @ Q.T, torch.eye(n, dtype=torch.float64))
+    assert torch.equal(random_hadamard(n, 3), Q)                               # deterministic in the seed
+    x = torch.randn(2, n, dtype=torch.float64)
+    torch.testing.assert_close(HadamardInput(nn.Linear(n, 3, bias=False).double()).transform(x), x @ H / n ** 0.5)
+
+
+def test_hadamard_bad_orders():
+    for n in (7, 28, 36 * 4, 0):
+        with pytest.raises((QuantizationError, ValueError)): hadamard(n)
+    with pytest.raises(QuantizationError, match="power-of-2"): fwht(torch.randn(3, 12))
+    assert hadamard_factors(768) == (12, 64)
+
+
+def _rot_model(seed=0, dim=64, ffn=96):
+    torch.manual_seed(seed)
+    m = Llama(LlamaConfig.toy(dim=dim, ffn_dim=ffn)).eval()
+    with torch.no_grad():                                    # non-trivial norm scales, so the folding is exercised
+        for n, p in m.named_parameters():
+            if n.endswith("layernorm.weight") or n == "norm.weight": p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_rotate_keeps_the_function_and_the_source(online):
+    m = _rot_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = rotate(m, seed=1, online=online)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(r(ids), m(ids), rtol=1e-4, atol=1e-4)
+        cache = r.new_cache(2, 16)                                               # cached decode path too
+        a = r(ids[:, :6], cache=cache); b = r(ids[:, 6:], start_pos=6, cache=cache)
+        torch.testing.assert_close(torch.cat([a, b], 1), m(ids), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())   # the source is untouched
+    assert m.lm_head.weight is m.embed_tokens.weight and r.lm_head.weight is not r.embed_tokens.weight
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in r.named_parameters() if n.endswith("norm.weight"))
+    assert sum(isinstance(x, HadamardInput) for x in r.modules()) == (m.cfg.n_layers if online else 0)
+    if online:
+        with pytest.raises(QuantizationError, match="already rotated"): rotate(r)
+
+
+def test_rotated_model_quantizes_through_the_swaps():
+    m = _rot_model()
+    r = rotate(m, seed=0)
+    q = quantize_8da4w(copy.deepcopy(r))
+    assert all(isinstance(b.mlp.down_proj.linear, Linear8da4w) for b in q.layers)        # the wrapped linear is swapped
+    seen = []
+    h = q.layers[0].mlp.down_proj.linear.register_forward_hook(lambda mod, i, o: seen.append(i[0]))
+    ids = torch.randint(0, m.cfg.vocab_size, (1, 7))
+    with torch.no_grad(): q(ids)
+    h.remove()
+    assert seen and seen[0].shape[-1] == m.cfg.ffn_dim                                   # it sees the rotated input
+    errs = layer_errors(r, 32, ids)
+    assert "0.mlp.down_proj.linear" in errs and all(0 <= e < 1 for e in errs.values())
+    with pytest.raises(QuantizationError, match="Hadamard"): rotate(_model(0, dim=56, ffn_dim=64))
