@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps torchao==0.18.0
+	$(PY) -m pip install -q --no-deps executorch==1.5.1 flatbuffers ruamel.yaml tabulate   # .pte export + runtime
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(PY) -m pip install -q --no-deps torchtune==0.6.1
 	$(PY) -m pip install -q --no-deps fairscale==0.4.13   # Meta reference (tests/test_vision.py)
