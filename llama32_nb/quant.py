@@ -22,7 +22,8 @@ __all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'quantiz
            'Int8Embedding', 'Int8Linear', 'quantize_8da4w', 'prepare_qat', 'quantize_eo8', 'add_lora',
            'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'hadamard_factors', 'hadamard',
            'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args', 'save_meta_quantized',
-           'load_meta_quantized']
+           'load_meta_quantized', 'packed_kernels', 'pack_int4', 'pack_int8', 'PackedLinear8da4w', 'PackedLinear8da8w',
+           'use_packed_kernels', 'kernel_candidates', 'quantize_linears', 'decode_speed', 'quant_report']
 
 # %% ../nbs/16_quant.ipynb #ae0bc387
 class QuantizationError(ValueError):
@@ -549,3 +550,410 @@ def load_meta_quantized(path, device=None, fast: bool = True) -> Llama:
         for m in model.layers.modules():                  # adaptors stay plain nn.Linear, as add_lora makes them
             if isinstance(m, Linear8da4w) and m.adaptor is not None: use_fast_kernels(m.adaptor, enable=False)
     return model.eval()
+
+# %% ../nbs/16_quant.ipynb #8285a7ed
+import copy, math, time
+from .core import cpu_model
+from .kernels import time_kernels
+
+# %% ../nbs/16_quant.ipynb #03a6fd20
+_KERNELS_SRC = r'''
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+// Per-token asymmetric int8 codes of the rows of x [M, K], with exactly the fp32 operations of `per_token_qparams`
+// and `fake_quant_per_token`: the same scale, zero point and codes, bit for bit.
+static void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scale, float* zp) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float mn = 0.f, mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) { mn = std::min(mn, r[k]); mx = std::max(mx, r[k]); }
+    const float s = std::max((mx - mn) / 255.f, FLT_EPSILON);
+    const float a = mn / s, b = mx / s;
+    const float z = std::nearbyint(std::min(std::max((-128.f + a) + (127.f + b) > 0.f ? -128.f - a : 127.f - b,
+                                                     -128.f), 127.f));
+    for (int64_t k = 0; k < K; ++k)
+      q[m * K + k] = (int8_t)std::min(std::max(std::nearbyint(r[k] / s) + z, -128.f), 127.f);
+    scale[m] = s; zp[m] = z;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_codes(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto s = at::empty({M}, x.options()), z = at::empty({M}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>());
+  return {q, s, z};
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+// acc[i] += sum_{j<4} u[4i+j] * s[4i+j], u unsigned bytes with u * s pairs within int16 (true for 4-bit u)
+static inline __m256i dot_small(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+// the same for any unsigned bytes u (8-bit): without VNNI, u is split into nibbles so that maddubs cannot saturate
+static inline __m256i dot_u8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi16(1);
+  __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(u, lo4), s), one);
+  __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u, 4), lo4), s), one);
+  return _mm256_add_epi32(acc, _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4)));
+#endif
+}
+#endif
+
+// 8da4w: y[m, n] = scale[m] * sum_g s[n, g] * sum_{k in g} (q[m, k] - zp[m]) * w[n, k], w in [-8, 7]. Layout, for
+// each group of 8 output rows and each block of 32 inputs: 4 vectors of 32 bytes; byte 4 * row + j of vector v holds
+// w + 8 of input 4v + j in its low nibble and of input 16 + 4v + j in its high nibble. The lanes of the 8 int32
+// accumulators are the 8 rows. Summing (q - zp)(w) = q (w + 8) - 8 q - zp w: the first term is the integer dot
+// product, the second is per block of activations, the third is folded into corr[n] = sum_g s[n, g] sum_{k in g} w.
+at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const at::Tensor& corr, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), NR = packed.size(0), N = NR * 8, G = scales.size(1);
+  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0 && G == K / group_size, "bad shapes");
+  TORCH_CHECK(packed.numel() == N * K / 2 && scales.numel() == N * G && corr.numel() == N, "bad packed shapes");
+  const int64_t bpg = group_size / 32;
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto sx = at::empty({M}, x.options()), zp = at::empty({M}, x.options());
+  auto y = at::empty({M, N}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sx.data_ptr<float>(), zp.data_ptr<float>());
+  const int8_t* qp = q.data_ptr<int8_t>(); const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>(); const float* cp = corr.data_ptr<float>();
+  const float* sxp = sx.data_ptr<float>(); const float* zpp = zp.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  auto A = at::empty({M, G}, x.options().dtype(at::kInt));            // 8 * the sum of each group's codes
+  int32_t* Ap = A.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t a = 0;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) a += qp[m * K + k];
+      Ap[m * G + g] = 8 * a;
+    }
+  at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xm = qp + m * K; const uint8_t* w = wp + r * (K / 32) * 128; const float* s = sp + r * G * 8;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256i lo4 = _mm256_set1_epi8(0x0F);
+        __m256 f = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          __m256i acc = _mm256_setzero_si256();
+          for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+            const uint8_t* wb = w + b * 128; const int8_t* xb = xm + 32 * b;
+            for (int v = 0; v < 4; ++v) {
+              __m256i V = _mm256_loadu_si256((const __m256i*)(wb + 32 * v));
+              acc = dot_small(acc, _mm256_and_si256(V, lo4), bcast4(xb + 4 * v));
+              acc = dot_small(acc, _mm256_and_si256(_mm256_srli_epi16(V, 4), lo4), bcast4(xb + 16 + 4 * v));
+            }
+          }
+          acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(Ap[m * G + g]));
+          f = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * g), _mm256_cvtepi32_ps(acc), f);
+        }
+        f = _mm256_fnmadd_ps(_mm256_set1_ps(zpp[m]), _mm256_loadu_ps(cp + 8 * r), f);
+        _mm256_storeu_ps(yp + m * N + 8 * r, _mm256_mul_ps(f, _mm256_set1_ps(sxp[m])));
+#else
+        for (int i = 0; i < 8; ++i) {
+          float f = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            int32_t acc = -Ap[m * G + g];
+            for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b)
+              for (int v = 0; v < 4; ++v)
+                for (int j = 0; j < 4; ++j) {
+                  const uint8_t byte = w[b * 128 + 32 * v + 4 * i + j];
+                  acc += int32_t(xm[32 * b + 4 * v + j]) * (byte & 15)
+                       + int32_t(xm[32 * b + 16 + 4 * v + j]) * (byte >> 4);
+                }
+            f += s[8 * g + i] * float(acc);
+          }
+          yp[m * N + 8 * r + i] = (f - zpp[m] * cp[8 * r + i]) * sxp[m];
+        }
+#endif
+      }
+  });
+  return y;
+}
+
+// 8da8w, one scale per output row: y[m, n] = scale[m] * s[n] * sum_k (q[m, k] - zp[m]) * w[n, k], in exact int32.
+// Layout: for each group of 8 rows and each 4 inputs, 32 bytes: byte 4 * row + j = w of input 4c + j. The codes
+// enter as unsigned bytes q + 128, and (zp + 128) * wsum[n] is subtracted from the integer sum.
+at::Tensor linear_8da8w(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& wsum, const at::Tensor& ws) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), NR = packed.size(0), N = NR * 8;
+  TORCH_CHECK(K % 8 == 0 && packed.numel() == N * K && wsum.numel() == N && ws.numel() == N, "bad packed shapes");
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto sx = at::empty({M}, x.options()), zp = at::empty({M}, x.options());
+  auto y = at::empty({M, N}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sx.data_ptr<float>(), zp.data_ptr<float>());
+  uint8_t* up = (uint8_t*)q.data_ptr<int8_t>();
+  for (int64_t i = 0; i < M * K; ++i) up[i] ^= 0x80;                 // q + 128 as an unsigned byte
+  const int8_t* wp = packed.data_ptr<int8_t>(); const int32_t* wsp = wsum.data_ptr<int32_t>();
+  const float* sw = ws.data_ptr<float>(); const float* sxp = sx.data_ptr<float>();
+  const float* zpp = zp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t* xm = up + m * K; const int8_t* w = wp + r * K * 8;
+        const int32_t c = int32_t(zpp[m]) + 128;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        for (int64_t k = 0; k < K; k += 8) {
+          a0 = dot_u8(a0, bcast4((const int8_t*)xm + k), _mm256_loadu_si256((const __m256i*)(w + 8 * k)));
+          a1 = dot_u8(a1, bcast4((const int8_t*)xm + k + 4), _mm256_loadu_si256((const __m256i*)(w + 8 * k + 32)));
+        }
+        const __m256i zw = _mm256_mullo_epi32(_mm256_set1_epi32(c), _mm256_loadu_si256((const __m256i*)(wsp + 8 * r)));
+        const __m256i acc = _mm256_sub_epi32(_mm256_add_epi32(a0, a1), zw);
+        const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(sxp[m]), _mm256_loadu_ps(sw + 8 * r));
+        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), sc);
+        _mm256_storeu_ps(yp + m * N + 8 * r, f);
+#else
+        for (int i = 0; i < 8; ++i) {
+          int32_t acc = -c * wsp[8 * r + i];
+          for (int64_t k = 0; k < K; ++k) acc += int32_t(xm[k]) * int32_t(w[8 * (k & ~int64_t(3)) + 4 * i + (k & 3)]);
+          yp[m * N + 8 * r + i] = float(acc) * (sxp[m] * sw[8 * r + i]);
+        }
+#endif
+      }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(llama32_nb_quant, m) {
+  m.def("token_codes(Tensor x) -> (Tensor, Tensor, Tensor)", &token_codes);
+  m.def("linear_8da4w(Tensor x, Tensor packed, Tensor scales, Tensor corr, int group_size) -> Tensor", &linear_8da4w);
+  m.def("linear_8da8w(Tensor x, Tensor packed, Tensor wsum, Tensor ws) -> Tensor", &linear_8da8w);
+}
+'''
+
+_kernel_ops = None
+
+def packed_kernels():
+    """`torch.ops.llama32_nb_quant`: our integer kernels, compiled from `_KERNELS_SRC` for this CPU on first use
+    (`torch.utils.cpp_extension`, which needs a C++ compiler and ninja) and cached on disk, so later processes load
+    them in a moment. A `QuantizationError` says why if this machine cannot build them."""
+    global _kernel_ops
+    if _kernel_ops is None:
+        import hashlib, warnings
+        from torch.utils.cpp_extension import load_inline
+        tag = hashlib.sha1((_KERNELS_SRC + cpu_model() + torch.__version__).encode()).hexdigest()[:12]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_inline(f"llama32_nb_quant_{tag}", cpp_sources=_KERNELS_SRC, is_python_module=False,
+                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
+        except Exception as e:
+            raise QuantizationError(f"cannot build the packed int4/int8 kernels on this machine "
+                                    f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})") from e
+        _kernel_ops = torch.ops.llama32_nb_quant
+    return _kernel_ops
+
+# %% ../nbs/16_quant.ipynb #be072b24
+def pack_int4(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our int4 layout of `q [N, K]` (int8 holding −8…7) with group scales `[N, G]`: `packed [N/8, K/32, 4, 32]`
+    (two weights a byte, 8 rows interleaved), `scales [N/8, G, 8]` and `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
+    N, K = q.shape
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(N // 8, 8, K // 32, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+    packed = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N // 8, K // 32, 4, 32).contiguous()
+    gs = K // scales.shape[1]
+    corr = (q.double().reshape(N, -1, gs).sum(-1) * scales.double()).sum(-1).float()
+    return packed, scales.float().reshape(N // 8, 8, -1).transpose(1, 2).contiguous(), corr
+
+def pack_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Our int8 layout of `q [N, K]`: `packed [N/8, K/4, 32]` (8 rows interleaved, 4 inputs each) and `wsum [N]` (int32)."
+    N, K = q.shape
+    return q.reshape(N // 8, 8, K // 4, 4).transpose(1, 2).contiguous(), q.int().sum(1, dtype=torch.int32)
+
+# %% ../nbs/16_quant.ipynb #62af8870
+def _check_packable(name: str, n: int, k: int, group_size: int, bits: int):
+    "A `QuantizationError` naming `name` unless our kernels take this shape."
+    if bits not in (4, 8): raise QuantizationError(f"{name}: packed kernels exist for 4- and 8-bit weights, not {bits}")
+    if bits == 4 and not (n % 8 == 0 and k % 32 == 0 and group_size % 32 == 0):
+        raise QuantizationError(f"{name}: the int4 kernel needs out_features % 8 == 0, in_features % 32 == 0 and a "
+                                f"group size that is a multiple of 32; got {n} x {k}, groups of {group_size}")
+    if bits == 8 and not (n % 8 == 0 and k % 8 == 0 and group_size == k):
+        raise QuantizationError(f"{name}: the int8 kernel needs one scale per output row, out_features % 8 == 0 and "
+                                f"in_features % 8 == 0; got {n} x {k}, groups of {group_size}")
+
+class PackedLinear8da4w(_Adapted, nn.Module):
+    """A 4-bit `Linear8da4w` packed for our integer kernel (`pack_int4`): the input rounded per token to int8 exactly
+    as `Linear8da4w` rounds it, integer dot products per group, fp32 scales. Inference only."""
+    def __init__(self, ref: Linear8da4w):
+        super().__init__()
+        n, k = ref.out_features, ref.in_features
+        _check_packable(type(ref).__name__, n, k, ref.group_size, ref.bits)
+        if ref.bits != 4: raise QuantizationError("PackedLinear8da4w packs 4-bit weights; use PackedLinear8da8w")
+        if ref.zeros.abs().max() > 0: raise QuantizationError("the packed kernels need zero points of 0 (symmetric)")
+        self.in_features, self.out_features, self.group_size = k, n, ref.group_size
+        for name, t in zip(("packed", "scales", "corr"), pack_int4(ref.weight, ref.scales)):
+            self.register_buffer(name, t)
+        self.adaptor, self.lora_scale = ref.adaptor, ref.lora_scale
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = packed_kernels().linear_8da4w(x2, self.packed, self.scales, self.corr, self.group_size)
+        return self._add_adaptor(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype), x)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, packed int4 groups of {self.group_size}, int8 activations"
+
+class PackedLinear8da8w(nn.Module):
+    """Per-row int8 weights `q [N, K]` times `scales [N]`, the input rounded per token to int8 (ExecuTorch's 8da8w),
+    packed for our integer kernel (`pack_int8`): the whole dot product in int32, then two fp32 scales. For
+    inference only."""
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        n, k = q.shape
+        _check_packable(type(self).__name__, n, k, k, 8)
+        if q.dtype != torch.int8: raise QuantizationError(f"expected int8 weights, got {q.dtype}")
+        self.in_features, self.out_features = k, n
+        packed, wsum = pack_int8(q)
+        self.register_buffer("packed", packed); self.register_buffer("wsum", wsum)
+        self.register_buffer("scales", scales.float().reshape(n).contiguous())
+
+    @classmethod
+    def from_reference(cls, m: nn.Module) -> "PackedLinear8da8w":
+        "From an 8-bit per-row `Linear8da4w`, an `Int8Linear` or an `Int8Embedding` (the tied output layer)."
+        if isinstance(m, Linear8da4w):
+            _check_packable(type(m).__name__, m.out_features, m.in_features, m.group_size, m.bits)
+            return cls(m.weight, m.scales)
+        if isinstance(m, _Int8Rows): return cls(m.int_values(), m.scales)
+        raise QuantizationError(f"cannot pack a {type(m).__name__} as int8")
+
+    def forward(self, x):
+        y = packed_kernels().linear_8da8w(x.reshape(-1, self.in_features).float().contiguous(), self.packed,
+                                          self.wsum, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self): return f"{self.in_features}, {self.out_features}, packed int8 per row, int8 activations"
+
+def use_packed_kernels(model: nn.Module, head: bool = True) -> nn.Module:
+    """Swap every `Linear8da4w` of `model` (4-bit, or 8-bit with one scale per row) for its packed module and, with
+    `head`, an int8 output layer (EO8: an `Int8Linear`, or the tied `Int8Embedding` table) for a `PackedLinear8da8w`,
+    which also rounds the head's input to int8 as ExecuTorch's output layer does. All or nothing; returns `model`."""
+    targets = [(p, n, c) for p in model.modules() for n, c in p.named_children() if isinstance(c, Linear8da4w)]
+    for _, n, c in targets: _check_packable(n, c.out_features, c.in_features, c.group_size, c.bits)
+    emb, lm, src = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None), None
+    if head and lm is not None and hasattr(lm, "weight"):
+        if isinstance(emb, _Int8Rows) and lm.weight is emb.weight: src = emb          # the tied EO8 table
+        elif isinstance(lm, _Int8Rows): src = lm
+        if src is not None: _check_packable("lm_head", lm.out_features, lm.in_features, lm.in_features, 8)
+    if not targets and src is None: raise QuantizationError("nothing to pack: run quantize_8da4w / quantize_eo8 first")
+    packed_kernels()                                          # build (or load) the kernels before changing anything
+    for parent, name, c in targets:
+        setattr(parent, name, PackedLinear8da4w(c) if c.bits == 4 else PackedLinear8da8w.from_reference(c))
+    if src is not None: model.lm_head = PackedLinear8da8w.from_reference(src)
+    return model
+
+# %% ../nbs/16_quant.ipynb #d11bdcec
+def kernel_candidates(n: int = 8192, k: int = 2048, group_size: int = 32, min_bytes: float = 6.4e7,
+                      budget: float = 1.0, seed: int = 0, threads: int = 1) -> dict[str, dict]:
+    """Time each candidate kernel for one token (`M = 1`) through an `n × k` quantized linear on `threads` threads,
+    cycling through copies of its weights that hold at least `min_bytes` in all (more than the caches). Per candidate:
+    bytes per weight, best seconds per product, and the GB/s of weight bytes streamed."""
+    ops, g = packed_kernels(), torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g)
+    xb, (codes, sx, zp) = x.bfloat16(), ops.token_codes(x)
+    u8, zt = (codes.int() + 128).to(torch.uint8), (zp + 128).to(torch.int32).reshape(())
+    def copies(bytes_each): return max(1, math.ceil(min_bytes / bytes_each))
+    def weights(c, maker): return [maker(torch.Generator().manual_seed(seed + i)) for i in range(c)]
+    q4 = lambda g: torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    q8 = lambda g: torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s4 = lambda g: torch.rand(n, k // group_size, generator=g) * 0.01
+    bpw = {"fp32 F.linear": 4.0, "bf16 F.linear": 2.0, "torch int8 weight-only": 1 + 2 / k,
+           "oneDNN int8 x int8": 1 + 4 / k, "ours int8 (8da8w)": 1 + 8 / k,
+           "torch int4 weight-only": 0.5 + 4 / group_size, "ours int4 (8da4w)": 0.5 + 4 / group_size + 4 / k}
+    c = {name: copies(b * n * k) for name, b in bpw.items()}
+    W = {"fp32 F.linear": weights(c["fp32 F.linear"], lambda g: torch.randn(n, k, generator=g)),
+         "bf16 F.linear": weights(c["bf16 F.linear"], lambda g: torch.randn(n, k, generator=g).bfloat16()),
+         "torch int8 weight-only": weights(c["torch int8 weight-only"],
+                                           lambda g: (q8(g), torch.rand(n, generator=g).bfloat16())),
+         "oneDNN int8 x int8": weights(c["oneDNN int8 x int8"], lambda g: (
+             torch.ops.onednn.qlinear_prepack(q8(g), [1, k]), torch.rand(n, generator=g),
+             torch.zeros(n, dtype=torch.int32))),
+         "ours int8 (8da8w)": weights(c["ours int8 (8da8w)"],
+                                      lambda g: (*pack_int8(q8(g)), torch.rand(n, generator=g))),
+         "torch int4 weight-only": weights(c["torch int4 weight-only"], lambda g: (
+             torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4(g).int() + 8, 1),
+             torch.stack([s4(g), torch.zeros(n, k // group_size)], -1).transpose(0, 1).contiguous().bfloat16())),
+         "ours int4 (8da4w)": weights(c["ours int4 (8da4w)"], lambda g: pack_int4(q4(g), s4(g)))}
+    calls = {
+        "fp32 F.linear": lambda w: F.linear(x, w),
+        "bf16 F.linear": lambda w: F.linear(xb, w),
+        "torch int8 weight-only": lambda w: torch.ops.aten._weight_int8pack_mm(xb, *w),
+        "oneDNN int8 x int8": lambda w: torch.ops.onednn.qlinear_pointwise.tensor(
+            u8, sx.reshape(()), zt, w[0], w[1], w[2], None, 1.0, 0, torch.float32, "none", [], ""),
+        "ours int8 (8da8w)": lambda w: ops.linear_8da8w(x, *w),
+        "torch int4 weight-only": lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w[0], group_size, w[1]),
+        "ours int4 (8da4w)": lambda w: ops.linear_8da4w(x, *w, group_size)}
+    fns = {name: (lambda f, ws: lambda: [f(w) for w in ws])(calls[name], W[name]) for name in calls}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(check_int(threads, "threads"))
+    try: best = time_kernels(fns, budget=budget, max_reps=9)
+    finally: torch.set_num_threads(prev)
+    return {name: dict(bytes_per_weight=bpw[name], seconds=best[name] / c[name],
+                       gb_s=bpw[name] * n * k * c[name] / best[name] / 1e9) for name in calls}
+
+# %% ../nbs/16_quant.ipynb #8f487bf4
+def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 32) -> nn.Module:
+    """Swap the block linears (`model.layers`) for `Linear8da4w` modules with `bits`-bit weights in groups of
+    `group_size` along the input (`None`: one group per output row, "per channel") and int8 dynamic activations:
+    `quantize_linears(m, 4, 32)` is 8da4w, `quantize_linears(m, 8, None)` ExecuTorch's 8da8w. Returns `model`."""
+    qrange(bits)
+    targets = list(_block_linears(model))
+    for _, name, m in targets: check_group_size(m.in_features, group_size or m.in_features, name)
+    for parent, name, m in targets:
+        setattr(parent, name, Linear8da4w.from_linear(m, group_size or m.in_features, bits))
+    return model
+
+@torch.inference_mode()
+def decode_speed(model: nn.Module, prompt, n_new: int = 32) -> float:
+    "Greedy decoding tokens/s with the KV cache: `n_new` tokens timed from the first one out (the prefill excluded)."
+    it = model.generate(prompt, max_new_tokens=check_int(n_new, "n_new") + 1, stop_tokens=(), stream=True)
+    next(it); t = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n / (time.perf_counter() - t)
+
+# %% ../nbs/16_quant.ipynb #03bcf52f
+@torch.no_grad()
+def quant_report(model: Llama, val: torch.Tensor, tokens: torch.Tensor, bits: int = 4, group_size: int | None = 32,
+                 rotation: bool = False, seed: int = 0) -> dict:
+    """What quantizing `model`'s block linears to `bits` bits in groups of `group_size` (`None`: per output row) with
+    int8 activations costs, after a random-Hadamard `rotation` (`rotate(model, seed)`) or not: each block linear's own
+    relative output error on `tokens` (fed the float model's inputs), the model's bytes (`bytes`; `fp32_bytes` before),
+    validation loss and perplexity on `val` (`loss`, `ppl`; `base_loss` of the float model)."""
+    src = rotate(model, seed) if rotation else model
+    q = quantize_linears(copy.deepcopy(src), bits, group_size)        # checks bits and group size first
+    seen, hooks = {}, []
+    for name, m in src.layers.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o))))
+    try: src(tokens)
+    finally:
+        for h in hooks: h.remove()
+    qmods = dict(q.layers.named_modules())
+    errors = {}
+    for name, (x, y) in seen.items():
+        e = qmods[name](x).float() - y.float()
+        errors[name] = (e.norm() / y.float().norm().clamp_min(1e-12)).item()
+    loss, base_loss = val_loss(q, val), val_loss(model, val)
+    return dict(errors=errors, bytes=model_bytes(q), fp32_bytes=model_bytes(model), loss=loss, ppl=math.exp(loss),
+                base_loss=base_loss)

@@ -229,13 +229,13 @@ def _load_teacher(run: Run):
     return load_teacher(p)
 
 def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0, 1), n_new: int = 16):
-    """8da4w PTQ / QAT / QAT + LoRA of the tiny Llama and its GGUF exports (F32, Q8_0, Q4_0): validation loss, size,
-    decode speed; the GGUF files are written to `gguf/`."""
+    """8da4w PTQ / QAT / QAT + LoRA / rotated and 8da8w of the tiny Llama and its GGUF exports (F32, Q8_0, Q4_0):
+    validation loss, size, decode speed (quantized rows on the packed integer kernels); GGUF files go to `gguf/`."""
     import copy, math
     import torch
     from llama32_nb.pretraining import corpus_blocks, load_artifacts, artifacts_dir
-    from llama32_nb.quant import (add_lora, finetune, model_bytes, prepare_qat, quantize_8da4w, quantize_eo8,
-                                  rotate, val_loss)
+    from llama32_nb.quant import (Linear8da4w, add_lora, decode_speed, finetune, model_bytes, prepare_qat,
+                                  quantize_8da4w, quantize_eo8, quantize_linears, rotate, use_packed_kernels, val_loss)
     from llama32_nb.export import export_gguf, load_gguf
     src = run.out / "tiny-llama"
     if not (src / "config.json").is_file(): src = artifacts_dir() / "tiny-llama"   # the shipped model
@@ -245,10 +245,12 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     rows, metrics = {}, {}
     def add(name, model, size, losses):
         rows[name] = dict(bytes=size, loss=sum(losses) / len(losses), spread=max(losses) - min(losses), model=model)
-    bar = tqdm(total=3 + 3 * len(seeds), desc="quantize", unit="model")
+    bar = tqdm(total=4 + 3 * len(seeds), desc="quantize", unit="model")
     add("fp32", base, model_bytes(base), [val_loss(base, val)]); bar.update()
     b16 = copy.deepcopy(base).to(torch.bfloat16)
     add("bf16", b16, model_bytes(b16), [val_loss(b16, val)]); bar.update()
+    e8 = quantize_eo8(quantize_linears(copy.deepcopy(base), 8, None))
+    add("8da8w + EO8, PTQ", e8, model_bytes(e8), [val_loss(e8, val)]); bar.update()
     ptq = quantize_eo8(quantize_8da4w(copy.deepcopy(base)))
     add("8da4w + EO8, PTQ", ptq, model_bytes(ptq), [val_loss(ptq, val)]); bar.update()
     rot_l = []
@@ -271,21 +273,23 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
         p = export_gguf(base, tok, run.out / "gguf" / f"tiny-{qt}.gguf", qt)
         m, _ = load_gguf(p)
         add(f"GGUF {qt} (dequantized here)", m, p.stat().st_size, [val_loss(m, val)])
+    fast = {n: use_packed_kernels(copy.deepcopy(r["model"])) if any(isinstance(x, Linear8da4w) for x in
+                                                                     r["model"].modules()) else r["model"]
+            for n, r in rows.items()}                        # what runs: the quantized rows on the packed kernels
+    packed_loss = val_loss(fast["8da4w + EO8, PTQ"], val)
     prompt = tok.encode("ROMEO:\n")
     speed = {}
     for _ in range(2):                                        # two interleaved rounds, best of each
-        for name, r in rows.items():
-            t = time.perf_counter()
-            with torch.no_grad(): r["model"].generate(prompt, max_new_tokens=n_new, temperature=0.0, stop_tokens=[])
-            speed[name] = max(speed.get(name, 0), n_new / (time.perf_counter() - t))
+        for name, m in fast.items(): speed[name] = max(speed.get(name, 0), decode_speed(m, prompt, n_new))
     try:
         import llama_cpp
         for qt in ("F32", "Q8_0", "Q4_0"):
             lm = llama_cpp.Llama(str(run.out / "gguf" / f"tiny-{qt}.gguf"), n_ctx=64, n_threads=2, verbose=False)
             best = 0
-            for _ in range(2):
-                lm.reset(); t = time.perf_counter(); n = 0
-                for _tok in lm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+            for _ in range(2):                                # timed from the first token out, as decode_speed
+                lm.reset(); it = lm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)
+                next(it); t, n = time.perf_counter(), 0
+                for _tok in it:
                     n += 1
                     if n == n_new: break
                 best = max(best, n_new / (time.perf_counter() - t))
@@ -298,21 +302,32 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     metrics = {n: dict(bytes=r["bytes"], val_loss=r["loss"], spread=r["spread"], decode_tok_s=speed[n])
                for n, r in rows.items()}
     metrics.update({n: dict(decode_tok_s=v) for n, v in speed.items() if n.startswith("llama.cpp")})
+    metrics["8da4w + EO8, PTQ"]["packed_val_loss"] = packed_loss
     run.metrics["quantize"] = metrics
     run.section("Quantization and export", f"""
 The tiny Llama quantized as Llama 3.2's edge releases are (8da4w: int4 weights in groups of 32 with int8 dynamic
 per-token activations in every block linear, per-row int8 embedding/output "EO8"), three ways: post-training (PTQ),
 {qat_steps} steps of quantization-aware training (QAT, lr 1e-4, 4 x 128 tokens a step), and QAT followed by
-{lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone; and PTQ after a random-Hadamard rotation of
+{lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone; PTQ after a random-Hadamard rotation of
 the residual stream (R1, folded into the weights) with an online Hadamard before every `down_proj` (R4), SpinQuant's
-starting point without its learned rotation (notebook 16). QAT, LoRA and rotated rows are the mean over seeds
-{list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with `load_gguf`. Validation loss
-on the first 16 held-out blocks. Decode speed: {n_new} greedy tokens with the KV cache, best of two interleaved rounds,
-2 threads on {cpu_model()}; our 8da4w modules *simulate* the integer arithmetic in fp32 (fake quantization), so they
-are slower than fp32 here; llama.cpp runs real Q8_0/Q4_0 kernels. Sizes are the bytes a deployed file holds.
+starting point without its learned rotation; and 8da8w (int8 weights, one scale per row). QAT, LoRA and rotated rows
+are the mean over seeds {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with
+`load_gguf`. Validation loss on the first 16 held-out blocks, computed with the reference (fake-quantized) modules.
+Decode speed: {n_new} greedy tokens with the KV cache after the first (the prefill excluded), best of two interleaved
+rounds, 2 threads on {cpu_model()}. The quantized rows run on notebook 16's packed integer kernels
+(`use_packed_kernels`: int4/int8 weights as stored, int8 activations, integer dot products), whose block linears equal
+the reference up to fp32 rounding order and whose output layer also rounds its input to int8 (ExecuTorch's 8da8w
+output layer): the packed 8da4w PTQ model's validation loss is {packed_loss:.4f} against the reference's
+{rows["8da4w + EO8, PTQ"]["loss"]:.4f}. llama.cpp runs its own Q8_0/Q4_0 kernels. On a model this small a decode
+step is mostly fixed per-operation cost, not weight bytes; `bench/bench_quant.py` compares the kernels at the 1B
+shape. Sizes are the bytes a deployed file holds.
 
 {md_table(["format", "size MB", "val loss", "spread", "perplexity", "decode tok/s"], table)}
 """)
+
+
+# --- post-training (notebooks 13 and 14): sft -> rm -> rs -> dpo, one round, two seeds in parallel workers ----------
+POSTTRAIN_SEEDS = (0, 1)
 
 
 def stage_posttrain(run: Run, sft_steps: int = 60, seeds: tuple = (0, 1), n_eval: int = 48):

@@ -1,5 +1,5 @@
 "8da4w quantizers vs torchao (test-only reference), QAT == PTQ, QAT + LoRA, and Meta's quantized checkpoint format."
-import copy, json, warnings
+import copy, json, math, warnings
 import pytest
 import torch
 import torch.nn as nn
@@ -247,3 +247,160 @@ def test_rotated_model_quantizes_through_the_swaps():
     errs = layer_errors(r, 32, ids)
     assert "0.mlp.down_proj.linear" in errs and all(0 <= e < 1 for e in errs.values())
     with pytest.raises(QuantizationError, match="Hadamard"): rotate(_model(0, dim=56, ffn_dim=64))
+
+
+# --- packed integer kernels (use_packed_kernels) ---------------------------------------------------------------------
+from llama32_nb.quant import (PackedLinear8da4w, PackedLinear8da8w, Int8Linear, decode_speed, kernel_candidates,
+                              pack_int4, pack_int8, packed_kernels, per_token_qparams, quant_report, quantize_linears,
+                              use_packed_kernels, val_loss)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    try: return packed_kernels()
+    except QuantizationError as e: pytest.skip(str(e))
+
+
+def _rows(seed=0, K=96):
+    "Rows of every kind: mixed signs, all positive, all negative, far from zero, all zero, tiny, huge."
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for e in range(-8, 5):
+        x = torch.randn(4, K, generator=g) * 10.0 ** e
+        rows += [x, x.abs(), -x.abs(), x + 50 * x.abs().max()]
+    return torch.cat(rows + [torch.zeros(2, K), torch.full((1, K), 3e-39)])
+
+
+def test_token_codes_are_the_reference_bit_for_bit(ops):
+    x = _rows()
+    codes, scale, zp = ops.token_codes(x)
+    s_ref, zp_ref = per_token_qparams(x)
+    assert torch.equal(scale, s_ref[:, 0]) and torch.equal(zp, zp_ref[:, 0])
+    assert codes.dtype == torch.int8 and torch.equal((codes.float() - zp[:, None]) * scale[:, None],
+                                                     fake_quant_per_token(x))
+
+
+def _unpack_int4(packed):
+    R, B = packed.shape[:2]
+    lo, hi = packed & 15, packed >> 4                                       # [R, B, 4 (v), 32 (row * 4 + j)]
+    u = torch.stack([lo, hi], 2).reshape(R, B, 2, 4, 8, 4).permute(0, 4, 1, 2, 3, 5)   # [R, row, B, half, v, j]
+    return u.reshape(R * 8, B * 32).to(torch.int16) - 8
+
+
+def test_packing_layouts_are_exact():
+    q4 = torch.randint(-8, 8, (24, 96), dtype=torch.int8)
+    packed, scales, corr = pack_int4(q4, torch.rand(24, 3))
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 3, 4, 32)
+    assert torch.equal(_unpack_int4(packed), q4.to(torch.int16))
+    q8 = torch.randint(-128, 128, (16, 40), dtype=torch.int8)
+    p8, wsum = pack_int8(q8)
+    assert torch.equal(p8.transpose(1, 2).reshape(16, 40), q8) and torch.equal(wsum, q8.int().sum(1))
+
+
+def test_kernels_sum_integers_exactly(ops):
+    "Rows spanning exactly -128..127 have scale 1 and zero point 0, so with unit weight scales y is an exact integer sum."
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-128, 128, (3, 256), generator=g).float()
+    x[:, 0], x[:, 1] = -128, 127
+    assert torch.equal(ops.token_codes(x)[1], torch.ones(3)) and torch.equal(ops.token_codes(x)[2], torch.zeros(3))
+    q4 = torch.randint(-8, 8, (64, 256), dtype=torch.int8, generator=g)
+    y4 = ops.linear_8da4w(x, *pack_int4(q4, torch.ones(64, 4)), 64)
+    assert torch.equal(y4.double(), (x.long() @ q4.long().T).double())
+    q8 = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+    y8 = ops.linear_8da8w(x, *pack_int8(q8), torch.ones(64))
+    assert torch.equal(y8.double(), (x.long() @ q8.long().T).double())
+
+
+@pytest.mark.parametrize("n, k, gs", [(64, 96, 32), (48, 256, 64), (160, 512, 128), (32, 768, 256), (8, 64, 64)])
+def test_packed_linears_match_the_reference(ops, n, k, gs):
+    torch.manual_seed(n + k)
+    lin = nn.Linear(k, n, bias=False)
+    x = torch.cat([_rows(k, k)[:20], torch.randn(5, k) * torch.linspace(0.1, 4, k)]).reshape(5, 5, k)
+    for ref, packed in ((q := Linear8da4w.from_linear(lin, gs), PackedLinear8da4w(q)),
+                        (q8 := Linear8da4w.from_linear(lin, k, bits=8), PackedLinear8da8w.from_reference(q8))):
+        y, yp = ref(x), packed(x)
+        # per token, relative to the largest output its int8 range allows: s_x * 255 * max_n sum_k |w_hat[n, k]|
+        w_hat = ref.dequantized_weight()
+        bound = per_token_qparams(x)[0] * 255 * w_hat.abs().sum(1).max()
+        assert yp.shape == y.shape and ((yp - y).abs() / bound).max() < 1e-6
+        assert torch.equal(packed(x[1:2, 2:3]), packed(x)[1:2, 2:3])       # one token == that token in a batch
+
+
+def test_packed_8da8w_matches_torchao(ops, torchao):
+    from torchao.quantization import quantize_, Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis
+    torch.manual_seed(5)
+    lin = nn.Linear(128, 48, bias=False)
+    x = torch.randn(3, 7, 128) * torch.linspace(0.1, 4, 128)
+    m = nn.Sequential(copy.deepcopy(lin))
+    quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+    ref, ours = m(x), PackedLinear8da8w.from_reference(Linear8da4w.from_linear(lin, 128, bits=8))(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_use_packed_kernels_on_a_model(ops):
+    m = quantize_eo8(quantize_8da4w(_model(2)))
+    ids = torch.randint(0, 256, (2, 12))
+    blocks = use_packed_kernels(copy.deepcopy(m), head=False)
+    full = use_packed_kernels(copy.deepcopy(m))
+    assert all(isinstance(b.mlp.down_proj, PackedLinear8da4w) for b in full.layers)
+    assert isinstance(full.lm_head, PackedLinear8da8w) and not isinstance(blocks.lm_head, PackedLinear8da8w)
+    with torch.no_grad(): ref, lb, lf = m(ids), blocks(ids), full(ids)
+    assert (lb - ref).abs().max() < 1e-3 * ref.abs().max() and (lf - ref).abs().max() < 5e-2 * ref.abs().max()
+    assert (lf.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    with torch.no_grad():                                                   # cached decoding == one pass
+        cache = full.new_cache(2, 16)
+        a = full(ids[:, :7], cache=cache); b = full(ids[:, 7:], start_pos=7, cache=cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), lf, rtol=1e-4, atol=1e-4)
+    assert blocks.generate(ids[0, :5], 10, stop_tokens=()) == m.generate(ids[0, :5], 10, stop_tokens=())
+    seen = []                                                               # hooks fire on the packed modules
+    h = full.layers[1].self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    full.generate(ids[0, :5], 3, stop_tokens=())
+    h.remove()
+    assert len(seen) == 3
+    with torch.no_grad(): assert abs(val_loss(blocks, ids) - val_loss(m, ids)) < 1e-4
+
+
+def test_packed_kernels_carry_lora_rotation_and_8da8w(ops):
+    m = quantize_8da4w(_rot_model())
+    for p in add_lora(m, 4, 2.0): nn.init.normal_(p, std=0.1)
+    r = quantize_8da4w(rotate(_rot_model(), seed=1))
+    e = quantize_linears(_model(3), 8, None)
+    assert all(l.bits == 8 and l.group_size == l.in_features for l in e.modules() if isinstance(l, Linear8da4w))
+    ids = torch.randint(0, 256, (1, 9))
+    for ref in (m, r, e):
+        p = use_packed_kernels(copy.deepcopy(ref))
+        assert not any(isinstance(l, Linear8da4w) for l in p.modules())
+        with torch.no_grad(): a, b = ref(ids), p(ids)
+        assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    p = use_packed_kernels(copy.deepcopy(m))
+    assert p.layers[0].self_attn.q_proj.adaptor is not None
+
+
+def test_use_packed_kernels_refuses_all_or_nothing(ops):
+    m = quantize_8da4w(_model(0), group_size=16)
+    before = [type(l) for l in m.modules()]
+    with pytest.raises(QuantizationError, match="multiple of 32"): use_packed_kernels(m)
+    assert [type(l) for l in m.modules()] == before
+    with pytest.raises(QuantizationError, match="one scale per output row"):
+        use_packed_kernels(quantize_linears(_model(0), 8, 32))
+    with pytest.raises(QuantizationError, match="nothing to pack"): use_packed_kernels(_model(0))
+    with pytest.raises(QuantizationError, match="4- and 8-bit"): use_packed_kernels(quantize_linears(_model(0), 6, 32))
+    with pytest.raises(QuantizationError, match="out_features % 8"):
+        PackedLinear8da8w(torch.zeros(12, 64, dtype=torch.int8), torch.ones(12))
+    with pytest.raises(QuantizationError): quantize_linears(_model(0), 9, 32)
+    with pytest.raises(QuantizationError, match="does not divide"): quantize_linears(_model(0), 4, 48)
+
+
+def test_quant_report_and_decode_speed(ops):
+    m = _model(4)
+    val, ids = torch.randint(0, 256, (3, 33)), torch.randint(0, 256, (1, 16))
+    r4, r8 = quant_report(m, val, ids, 4, 32), quant_report(m, val, ids, 8, None)
+    rr = quant_report(_rot_model(), val, ids, 4, 32, rotation=True)
+    assert set(r4) == {"errors", "bytes", "fp32_bytes", "loss", "ppl", "base_loss"} and len(r4["errors"]) == 14
+    assert sum(r8["errors"].values()) < sum(r4["errors"].values()) and r4["bytes"] < r8["bytes"] < r4["fp32_bytes"]
+    assert abs(r4["ppl"] - math.exp(r4["loss"])) < 1e-9 and r4["base_loss"] == r8["base_loss"]
+    assert "0.mlp.down_proj.linear" in rr["errors"]
+    assert decode_speed(use_packed_kernels(quantize_8da4w(m)), [1, 2, 3], 4) > 0
+    t = kernel_candidates(64, 256, min_bytes=1e5, budget=0.01)
+    assert len(t) == 7 and all(v["seconds"] > 0 for v in t.values())
