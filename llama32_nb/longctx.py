@@ -15,7 +15,8 @@ from .core import check_int, check_number, data_dir, set_seed
 from .decoder import (ROPE_SCALING_KEYS, Llama, LlamaConfig, check_rope_scaling, rope_cos_sin,
                                 rope_frequencies)
 from .generation import KVCache, kv_cache_bytes
-from .pretraining import Trainer, TrainConfig, evaluate, pack_blocks
+from .pretraining import TrainConfig, evaluate, pack_blocks
+from .posttrain import StageTrainer, sft_batch, sft_loss
 
 # %% auto #0
 __all__ = ['ROPE_METHODS', 'PASSKEY_INTRO', 'PASSKEY_FILLER', 'PASSKEY_NEEDLE', 'PASSKEY_QUESTION', 'NIAH_NEEDLE',
@@ -24,7 +25,7 @@ __all__ = ['ROPE_METHODS', 'PASSKEY_INTRO', 'PASSKEY_FILLER', 'PASSKEY_NEEDLE', 
            'attention_lse', 'chunk_attention_plain', 'chunk_attention_fast', 'chunk_attention', 'prefill_block',
            'prefill', 'kv_cache_int8_bytes', 'prefill_memory', 'RetrievalItem', 'random_key', 'passkey_item',
            'niah_item', 'model_answerer', 'oracle_answerer', 'score', 'passkey_items', 'niah_grid', 'plot_niah',
-           'extension_blocks', 'ExtensionConfig', 'extend_context', 'passkey_at', 'compare_extension',
+           'extension_blocks', 'ExtensionConfig', 'extend_context', 'passkey_at', 'answer_nll', 'compare_extension',
            'extension_summary']
 
 # %% ../nbs/15_longctx.ipynb #70484a9d
@@ -355,30 +356,34 @@ def plot_niah(grid: torch.Tensor, lengths, depths, ax=None, title: str | None = 
 
 # %% ../nbs/15_longctx.ipynb #f108ec26
 def extension_blocks(tok, ids: Sequence[int], length: int, n: int, retrieval_frac: float = 0.5, seed: int = 0,
-                     digits: int = 5) -> torch.Tensor:
-    """`n` training rows of `length + 1` tokens: corpus text (`ids`, packed) mixed with passkey documents (prompt +
-    answer, corpus text in front to fill the row), a fraction `retrieval_frac` of them; shuffled by `seed`."""
+                     digits: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` training rows of `length + 1` tokens and which of their tokens are trained (a bool tensor of the same
+    shape): corpus text (`ids`, packed; every token trained) mixed with passkey documents, a fraction
+    `retrieval_frac` of the rows. A passkey document is corpus text followed by a passkey prompt and its answer; only
+    the corpus text and the answer are trained. Shuffled by `seed`."""
     rng = random.Random(seed)
     n_ret = round(n * retrieval_frac)
     corpus = pack_blocks([list(ids)], length)
     if len(corpus) < n - n_ret: raise ValueError(f"{n - n_ret} corpus rows of {length + 1} tokens needed, "
                                                  f"have {len(corpus)}")
-    rows = [corpus[i] for i in rng.sample(range(len(corpus)), n - n_ret)]
+    rows = [(corpus[i], torch.ones(length + 1, dtype=torch.bool)) for i in rng.sample(range(len(corpus)), n - n_ret)]
     for _ in range(n_ret):
         it = passkey_item(tok, length + 1 - 6, rng.random(), random_key(rng, digits))
         doc = it.prompt + it.answer
         a = rng.randrange(0, len(ids) - (length + 1 - len(doc)))
-        rows.append(torch.tensor(list(ids[a:a + length + 1 - len(doc)]) + doc))
-    order = list(range(n)); rng.shuffle(order)
-    return torch.stack([rows[i] for i in order])
+        pre = list(ids[a:a + length + 1 - len(doc)])
+        train = [True] * len(pre) + [False] * len(it.prompt) + [True] * len(it.answer)
+        rows.append((torch.tensor(pre + doc), torch.tensor(train)))
+    rng.shuffle(rows)
+    return torch.stack([r for r, _ in rows]), torch.stack([t for _, t in rows])
 
 @dataclass
 class ExtensionConfig:
     "One staged extension run: the stage lengths, steps per stage, batch and learning rate, the scaling and the seed."
-    stages: tuple = (1024,)
-    steps: int = 40
+    stages: tuple = (512, 1024)
+    steps: int = 150
     batch_size: int = 4
-    lr: float = 5e-4
+    lr: float = 3e-4
     method: str = "llama3"
     retrieval_frac: float = 0.5
     seed: int = 0
@@ -388,16 +393,22 @@ def extend_context(model: Llama, tok, ids: Sequence[int], cfg: ExtensionConfig, 
     """Continued pretraining of (a copy of) `model` at each stage length of `cfg`, scaling set for the final length.
     Returns `(model, rows)`: one row per stage with the short-context validation loss and `eval_fn(model, length)`."""
     import copy
+    from tqdm.auto import tqdm
     L0, final = model.cfg.max_seq_len, cfg.stages[-1]
     rs = rope_scaling(cfg.method, final / L0, L0) if cfg.method != "none" else None
     m = long_context(copy.deepcopy(model), rs, final)
     rows = [dict(stage=L0, val_loss=evaluate(m, val_blocks), **(eval_fn(m, L0) if eval_fn else {}))]
     for i, L in enumerate(cfg.stages):
         set_seed(cfg.seed * 100 + i)
-        blocks = extension_blocks(tok, ids, L, cfg.steps * cfg.batch_size, cfg.retrieval_frac, cfg.seed * 100 + i)
+        blocks, train = extension_blocks(tok, ids, L, cfg.steps * cfg.batch_size, cfg.retrieval_frac,
+                                         cfg.seed * 100 + i)
         tc = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
-                         warmup_steps=min(max(1, cfg.steps // 10), cfg.steps - 1), eval_every=10 ** 9, seed=cfg.seed)
-        Trainer(m, tc, blocks, None, m.device).fit(progress=progress)
+                         warmup_steps=min(max(1, cfg.steps // 10), cfg.steps - 1), weight_decay=0.0,
+                         eval_every=10 ** 9, seed=cfg.seed)
+        tr = StageTrainer(m, tc, list(zip(blocks.tolist(), train.tolist())), lambda it: sft_batch(it, tok.pad_id),
+                          sft_loss, name=f"extend-{L}")
+        for _ in tqdm(range(cfg.steps), desc=f"{cfg.method} @ {L}", disable=not progress, leave=False):
+            tr.train_step()
         rows.append(dict(stage=L, val_loss=evaluate(m.eval(), val_blocks), **(eval_fn(m, L) if eval_fn else {})))
     return m, rows
 
@@ -407,29 +418,56 @@ def passkey_at(model: LongLlama, tok, n_tokens: int, trials: int, seed: int = 1)
     m = long_context(model, model.cfg.rope_scaling, max(n_tokens + 8, model.cfg.max_seq_len))
     return score(model_answerer(m), passkey_items(tok, n_tokens, trials, seed))
 
+@torch.no_grad()
+def answer_nll(model: Llama, items: Sequence[RetrievalItem], chunk_size: int = 512) -> float:
+    """Negative log-likelihood of the answers given their prompts, teacher-forced, in nats per digit of the key: a
+    graded version of exact match. A model that guesses the digits scores `ln 10` ≈ 2.30; a perfect reader 0."""
+    m = long_context(model, model.cfg.rope_scaling, max(max(len(i.prompt) + len(i.answer) for i in items),
+                                                      model.cfg.max_seq_len))
+    total, count = 0.0, 0
+    for it in items:
+        last, cache = prefill(m, torch.tensor([it.prompt], device=m.device), chunk_size,
+                              max_len=len(it.prompt) + len(it.answer))
+        rest = m(torch.tensor([it.answer[:-1]], device=m.device), len(it.prompt), cache)[0] if len(it.answer) > 1 \
+            else last[:0]
+        logp = torch.cat([last, rest]).float().log_softmax(-1)
+        nll = -logp[torch.arange(len(it.answer)), torch.tensor(it.answer, device=m.device)]
+        total += nll.sum().item(); count += len(str(it.key))
+    return total / count
+
 def compare_extension(model: Llama, tok, ids: Sequence[int], val_blocks: torch.Tensor, stages: tuple, steps: int,
                       batch_size: int, seeds: Sequence[int] = (0, 1), methods: Sequence[str] = ("llama3", "linear",
-                      "none"), trials: int = 10, progress: bool = False) -> dict:
-    """`{(method, seed): (extended model, stage rows)}` for each method and seed under the same budget; the last row
-    adds passkey accuracy at the final length and at 4x it."""
+                      "none"), trials: int = 10, long_val: torch.Tensor | None = None, lr: float = 3e-4,
+                      progress: bool = False) -> dict:
+    """`{(method, seed): (extended model, stage rows)}` for each method and seed under the same budget. The last row
+    adds, at the final length L and at 4L: passkey accuracy over `trials` prompts and the answers' NLL per digit; and,
+    with `long_val` (held-out rows of ≥ 4L + 1 tokens), the mean loss at positions [0, L) and [L, 4L)."""
     out, final = {}, stages[-1]
     for method in methods:
         for seed in seeds:
-            ec = ExtensionConfig(stages=tuple(stages), steps=steps, batch_size=batch_size, method=method, seed=seed)
+            ec = ExtensionConfig(stages=tuple(stages), steps=steps, batch_size=batch_size, lr=lr, method=method,
+                                 seed=seed)
             m, rows = extend_context(model, tok, ids, ec, val_blocks, progress=progress)
-            rows[-1].update({f"passkey@{final}": passkey_at(m, tok, final, trials),
-                             f"passkey@{4 * final}": passkey_at(m, tok, 4 * final, trials)})
+            for n in (final, 4 * final):
+                items = passkey_items(tok, n, trials, seed=1)
+                wide = long_context(m, m.cfg.rope_scaling, max(n + 8, final))
+                rows[-1].update({f"passkey@{n}": score(model_answerer(wide), items),
+                                 f"nll/digit@{n}": answer_nll(wide, items)})
+            if long_val is not None:
+                v = loss_by_position(long_context(m, m.cfg.rope_scaling, 4 * final), long_val[:, :4 * final + 1])
+                rows[-1].update({f"loss@0..{final}": v[:final].mean().item(),
+                                 f"loss@{final}..{4 * final}": v[final:].mean().item()})
             out[method, seed] = (m, rows)
     return out
 
 def extension_summary(res: dict, original_val_loss: float) -> list[dict]:
-    """Per method: the final short-context loss minus the original model's and the passkey accuracies, each as the
-    mean, min and max over seeds."""
+    """Per method: the final short-context loss minus the original model's, and every other final metric, each as
+    the mean, min and max over seeds."""
     out = []
     for method in dict.fromkeys(m for m, _ in res):
         runs = [rows for (m, _), (_, rows) in res.items() if m == method]
         row = dict(method=method, seeds=len(runs))
-        for k in ["val_loss"] + [k for k in runs[0][-1] if k.startswith("passkey")]:
+        for k in ["val_loss"] + [k for k in runs[0][-1] if k not in ("stage", "val_loss")]:
             v = torch.tensor([r[-1][k] - (original_val_loss if k == "val_loss" else 0.0) for r in runs])
             row["val_loss_delta" if k == "val_loss" else k] = (v.mean().item(), v.min().item(), v.max().item())
         out.append(row)

@@ -13,7 +13,8 @@ from llama32_nb.longctx import (ROPE_METHODS, LongContextConfig, LongLlama, chec
                                 chunk_attention_fast, prefill, kv_cache_int8_bytes, prefill_memory, passkey_item,
                                 niah_item, passkey_items, oracle_answerer, model_answerer, score, niah_grid,
                                 heldout_ids, long_rows, loss_by_position, extension_blocks, ExtensionConfig,
-                                extend_context, PASSKEY_INTRO, PASSKEY_NEEDLE)
+                                extend_context, PASSKEY_INTRO, PASSKEY_NEEDLE, answer_nll, compare_extension,
+                                extension_summary)
 
 torch.set_num_threads(2)
 
@@ -304,14 +305,19 @@ def test_loss_by_position(tok):
 
 def test_extension_blocks_and_extend_context(tok):
     ids = heldout_ids(tok)
-    b = extension_blocks(tok, ids, 192, 10, retrieval_frac=0.5, seed=0)
-    assert b.shape == (10, 193)
-    docs = [r for r in b.tolist() if "What is the pass key? The pass key is" in tok.decode(r)]
+    b, train = extension_blocks(tok, ids, 192, 10, retrieval_frac=0.5, seed=0)
+    assert b.shape == train.shape == (10, 193) and train.dtype == torch.bool
+    docs = [(r, t) for r, t in zip(b.tolist(), train.tolist()) if "What is the pass key? The pass key is" in tok.decode(r)]
     assert len(docs) == 5
-    for r in docs:                                               # each retrieval row ends with its own key
+    for r, t in docs:                                            # each retrieval row ends with its own key
         key = tok.decode(r[-6:]).strip()
         assert PASSKEY_NEEDLE.format(key=key) in tok.decode(r)
-    assert torch.equal(b, extension_blocks(tok, ids, 192, 10, retrieval_frac=0.5, seed=0))
+        it = passkey_item(tok, 193 - 6, 0.0, int(key))           # the prompt's length does not depend on the depth
+        n_pre = 193 - len(it.prompt) - len(it.answer)
+        assert t == [True] * n_pre + [False] * len(it.prompt) + [True] * len(it.answer)   # corpus + answer only
+    assert sum(all(t) for _, t in zip(b.tolist(), train.tolist())) == 5                   # corpus rows: every token
+    b2, t2 = extension_blocks(tok, ids, 192, 10, retrieval_frac=0.5, seed=0)
+    assert torch.equal(b, b2) and torch.equal(train, t2)
     set_seed(0)
     m = Llama(LlamaConfig.toy(vocab_size=2048, max_seq_len=128), fast=False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -324,3 +330,57 @@ def test_extension_blocks_and_extend_context(tok):
     assert any(not torch.equal(v, ext.state_dict()[k]) for k, v in before.items())
     ext2, _ = extend_context(m, tok, ids, ExtensionConfig(stages=(192,), steps=2, batch_size=2, method="none"), val)
     assert ext2.cfg.rope_scaling is None and ext2.cfg.max_seq_len == 192
+
+
+def test_answer_nll_is_the_teacher_forced_loss_per_digit(tok):
+    tiny = load_artifacts(device="cpu")[0]
+    items = passkey_items(tok, 300, 3, seed=2) + passkey_items(tok, 200, 2, seed=3, digits=3)
+    total = 0.0
+    with torch.no_grad():
+        for it in items:                                         # one full forward over prompt + answer
+            ids = torch.tensor([it.prompt + it.answer])
+            logp = long_context(tiny, None, 512)(ids[:, :-1])[0].float().log_softmax(-1)[-len(it.answer):]
+            total -= logp[torch.arange(len(it.answer)), torch.tensor(it.answer)].sum().item()
+    want = total / sum(len(str(it.key)) for it in items)
+    assert abs(answer_nll(tiny, items, chunk_size=64) - want) < 1e-4 * want
+
+
+def test_compare_extension_rows_and_summary(tok):
+    set_seed(0)
+    m = Llama(LlamaConfig.toy(vocab_size=2048, max_seq_len=96), fast=False)
+    ids = heldout_ids(tok)
+    val, long_val = long_rows(ids, 96, 2), long_rows(ids, 4 * 160, 1)
+    res = compare_extension(m, tok, ids, val, (160,), steps=1, batch_size=2, seeds=(0, 1), methods=("llama3", "none"),
+                            trials=1, long_val=long_val)
+    assert set(res) == {("llama3", 0), ("llama3", 1), ("none", 0), ("none", 1)}
+    last = res["llama3", 0][1][-1]
+    assert {"passkey@160", "passkey@640", "nll/digit@160", "nll/digit@640", "loss@0..160", "loss@160..640"} <= set(last)
+    summ = extension_summary(res, 5.0)
+    assert [r["method"] for r in summ] == ["llama3", "none"] and all(r["seeds"] == 2 for r in summ)
+    d = [res["none", s][1][-1]["val_loss"] - 5.0 for s in (0, 1)]
+    assert summ[1]["val_loss_delta"] == pytest.approx((sum(d) / 2, min(d), max(d)))
+
+
+def test_shipped_extension_experiment_belongs_to_the_shipped_model(tok):
+    """`artifacts/tiny-llama/extension_experiment.json` (scripts/longctx_experiment.py, read by notebook 15 and the
+    README) was made on the shipped model, holds >= 2 seeds per method, and its summary follows from its own runs."""
+    import json
+    from llama32_nb.pretraining import artifacts_dir, evaluate
+    full = json.loads((artifacts_dir() / "tiny-llama" / "extension_experiment.json").read_text())
+    tiny = load_artifacts(device="cpu")[0]
+    ids = heldout_ids(tok)
+    assert abs(evaluate(tiny, long_rows(ids, 256, full["val_blocks"])) - full["original_val_loss"]) < 1e-4
+    final = full["stages"][-1]
+    with torch.no_grad():
+        base = loss_by_position(long_context(tiny, None, 4 * final), long_rows(ids, 4 * final, full["long_rows"]))
+    assert torch.allclose(base[:len(base) // 64 * 64].view(-1, 64).mean(1), torch.tensor(full["original_curve"]),
+                          atol=1e-4)
+    assert set(full["runs"]) == {"llama3", "linear", "none"} and all(len(r) >= 2 for r in full["runs"].values())
+    res = {(m, int(s)): (None, r["rows"]) for m, runs in full["runs"].items() for s, r in runs.items()}
+    for got, want in zip(extension_summary(res, full["original_val_loss"]), full["summary"]):
+        assert got["method"] == want["method"]
+        for k, v in got.items():
+            if isinstance(v, tuple): assert v == pytest.approx(tuple(want[k]), abs=1e-9), k
+    for runs in full["runs"].values():
+        for r in runs.values():
+            assert [row["stage"] for row in r["rows"]] == [256] + full["stages"]
