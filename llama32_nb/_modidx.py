@@ -459,6 +459,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'llama32_nb.longctx.RetrievalItem': ('longctx.html#retrievalitem', 'llama32_nb/longctx.py'),
                                     'llama32_nb.longctx._ramp': ('longctx.html#_ramp', 'llama32_nb/longctx.py'),
                                     'llama32_nb.longctx.answer_nll': ('longctx.html#answer_nll', 'llama32_nb/longctx.py'),
+                                    'llama32_nb.longctx.answer_scores': ('longctx.html#answer_scores', 'llama32_nb/longctx.py'),
                                     'llama32_nb.longctx.attention_lse': ('longctx.html#attention_lse', 'llama32_nb/longctx.py'),
                                     'llama32_nb.longctx.check_rope_method': ('longctx.html#check_rope_method', 'llama32_nb/longctx.py'),
                                     'llama32_nb.longctx.chunk_attention': ('longctx.html#chunk_attention', 'llama32_nb/longctx.py'),

@@ -25,8 +25,8 @@ __all__ = ['ROPE_METHODS', 'PASSKEY_INTRO', 'PASSKEY_FILLER', 'PASSKEY_NEEDLE', 
            'attention_lse', 'chunk_attention_plain', 'chunk_attention_fast', 'chunk_attention', 'prefill_block',
            'prefill', 'kv_cache_int8_bytes', 'prefill_memory', 'RetrievalItem', 'random_key', 'passkey_item',
            'niah_item', 'model_answerer', 'oracle_answerer', 'score', 'passkey_items', 'niah_grid', 'plot_niah',
-           'extension_blocks', 'ExtensionConfig', 'extend_context', 'passkey_at', 'answer_nll', 'compare_extension',
-           'extension_summary']
+           'extension_blocks', 'ExtensionConfig', 'extend_context', 'passkey_at', 'answer_scores', 'answer_nll',
+           'compare_extension', 'extension_summary']
 
 # %% ../nbs/15_longctx.ipynb #70484a9d
 ROPE_METHODS = ("none", "linear", "ntk", "llama3", "yarn")
@@ -419,21 +419,29 @@ def passkey_at(model: LongLlama, tok, n_tokens: int, trials: int, seed: int = 1)
     return score(model_answerer(m), passkey_items(tok, n_tokens, trials, seed))
 
 @torch.no_grad()
-def answer_nll(model: Llama, items: Sequence[RetrievalItem], chunk_size: int = 512) -> float:
-    """Negative log-likelihood of the answers given their prompts, teacher-forced, in nats per digit of the key: a
-    graded version of exact match. A model that guesses the digits scores `ln 10` ≈ 2.30; a perfect reader 0."""
+def answer_scores(model: Llama, items: Sequence[RetrievalItem], chunk_size: int = 512) -> tuple[float, float]:
+    """`(accuracy, nll per digit)` of `model` on `items` from one teacher-forced pass per item. Greedy decoding
+    reproduces an answer exactly when, fed the answer's own prefix, the model's top token is the next answer token at
+    every step — so the exact-match accuracy of `score(model_answerer(model), items)` comes out of the same pass as the
+    answer's negative log-likelihood, a graded score in nats per digit of the key: `ln 10` ≈ 2.30 for a model that
+    guesses the digits, 0 for a perfect reader."""
     m = long_context(model, model.cfg.rope_scaling, max(max(len(i.prompt) + len(i.answer) for i in items),
                                                       model.cfg.max_seq_len))
-    total, count = 0.0, 0
+    hits, total, count = 0, 0.0, 0
     for it in items:
         last, cache = prefill(m, torch.tensor([it.prompt], device=m.device), chunk_size,
                               max_len=len(it.prompt) + len(it.answer))
         rest = m(torch.tensor([it.answer[:-1]], device=m.device), len(it.prompt), cache)[0] if len(it.answer) > 1 \
             else last[:0]
         logp = torch.cat([last, rest]).float().log_softmax(-1)
-        nll = -logp[torch.arange(len(it.answer)), torch.tensor(it.answer, device=m.device)]
-        total += nll.sum().item(); count += len(str(it.key))
-    return total / count
+        ans = torch.tensor(it.answer, device=m.device)
+        hits += bool((logp.argmax(-1) == ans).all())
+        total -= logp[torch.arange(len(ans)), ans].sum().item(); count += len(str(it.key))
+    return hits / len(items), total / count
+
+def answer_nll(model: Llama, items: Sequence[RetrievalItem], chunk_size: int = 512) -> float:
+    "The answers' teacher-forced negative log-likelihood in nats per digit of the key (see `answer_scores`)."
+    return answer_scores(model, items, chunk_size)[1]
 
 def compare_extension(model: Llama, tok, ids: Sequence[int], val_blocks: torch.Tensor, stages: tuple, steps: int,
                       batch_size: int, seeds: Sequence[int] = (0, 1), methods: Sequence[str] = ("llama3", "linear",
@@ -449,10 +457,8 @@ def compare_extension(model: Llama, tok, ids: Sequence[int], val_blocks: torch.T
                                  seed=seed)
             m, rows = extend_context(model, tok, ids, ec, val_blocks, progress=progress)
             for n in (final, 4 * final):
-                items = passkey_items(tok, n, trials, seed=1)
-                wide = long_context(m, m.cfg.rope_scaling, max(n + 8, final))
-                rows[-1].update({f"passkey@{n}": score(model_answerer(wide), items),
-                                 f"nll/digit@{n}": answer_nll(wide, items)})
+                acc, nll = answer_scores(m, passkey_items(tok, n, trials, seed=1))
+                rows[-1].update({f"passkey@{n}": acc, f"nll/digit@{n}": nll})
             if long_val is not None:
                 v = loss_by_position(long_context(m, m.cfg.rope_scaling, 4 * final), long_val[:, :4 * final + 1])
                 rows[-1].update({f"loss@0..{final}": v[:final].mean().item(),

@@ -1,6 +1,7 @@
 """Tests for llama32_nb.longctx: chunked prefill vs the unchunked forward, RoPE scaling methods vs transformers, the
 retrieval harness (oracle), the staged-extension plumbing."""
 import math, random
+from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from llama32_nb.longctx import (ROPE_METHODS, LongContextConfig, LongLlama, chec
                                 chunk_attention_fast, prefill, kv_cache_int8_bytes, prefill_memory, passkey_item,
                                 niah_item, passkey_items, oracle_answerer, model_answerer, score, niah_grid,
                                 heldout_ids, long_rows, loss_by_position, extension_blocks, ExtensionConfig,
-                                extend_context, PASSKEY_INTRO, PASSKEY_NEEDLE, answer_nll, compare_extension,
+                                extend_context, PASSKEY_INTRO, PASSKEY_NEEDLE, answer_nll, answer_scores, compare_extension,
                                 extension_summary)
 
 torch.set_num_threads(2)
@@ -343,6 +344,19 @@ def test_answer_nll_is_the_teacher_forced_loss_per_digit(tok):
             total -= logp[torch.arange(len(it.answer)), torch.tensor(it.answer)].sum().item()
     want = total / sum(len(str(it.key)) for it in items)
     assert abs(answer_nll(tiny, items, chunk_size=64) - want) < 1e-4 * want
+
+
+def test_answer_scores_accuracy_is_greedy_exact_match(tok):
+    """The accuracy from one teacher-forced pass equals greedy decoding's exact match, on items a model gets right
+    and wrong: a toy 'model' that copies the key after the needle is faked by giving each item the model's own greedy
+    continuation as its answer (all hits), and the true answers (misses)."""
+    tiny = load_artifacts(device="cpu")[0]
+    items = passkey_items(tok, 240, 4, seed=5)
+    greedy = model_answerer(tiny)
+    own = [replace(it, answer=greedy(it.prompt, len(it.answer))) for it in items]
+    assert answer_scores(tiny, own)[0] == score(greedy, own) == 1.0
+    mixed = own[:2] + items[2:]
+    assert answer_scores(tiny, mixed)[0] == score(greedy, mixed) == 0.5
 
 
 def test_compare_extension_rows_and_summary(tok):
