@@ -330,36 +330,201 @@ shape. Sizes are the bytes a deployed file holds.
 POSTTRAIN_SEEDS = (0, 1)
 
 
-def stage_posttrain(run: Run, sft_steps: int = 60, seeds: tuple = (0, 1), n_eval: int = 48):
-    "SFT of the tiny Llama on the tool-using chat task (notebook 13), two seeds, oracle scores on held-out prompts."
+def posttrain_config():
+    "The recipe's small round (the full experiment is scripts/posttrain_rounds.py): about 3 min for all four stages."
+    from llama32_nb.dpo import RoundConfig
+    return RoundConfig(sft_steps=60, rounds=1, prompts=32, samples=4, rm_steps=30, rs_steps=20, dpo_steps=20,
+                       eval_prompts=48, bon_prompts=16, bon_samples=16)
+
+
+def _posttrain_seed(stage: str, seed: int, src, root: str, cfg: dict) -> dict:
+    """One worker process, one thread: one post-training stage for one seed. Each stage reads the models the earlier
+    stages left in `root` (StageTrainer checkpoints: a stopped stage resumes exactly) and returns its JSON numbers."""
+    import json as json_, torch
+    torch.set_num_threads(1)
+    from safetensors.torch import load_model
+    from llama32_nb.core import set_seed as seed_all
     from llama32_nb.pretraining import load_artifacts
     from llama32_nb.tokenizer import ChatFormat
-    from llama32_nb.posttrain import make_tasks, sft_examples, sft_config, run_sft, evaluate_policy
-    p = run.out / "tiny-llama"
-    src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
+    from llama32_nb.posttrain import RewardModel, make_tasks, episode_dict, episode_from_dict
+    from llama32_nb.dpo import RoundConfig, sft_stage, rm_stage, rm_eval, rs_stage, dpo_stage, eval_stage, DPO_KEYS
+    cfg, root = RoundConfig(**cfg), Path(root)
+    seed_all(seed)
     model, tok = load_artifacts(src)
     fmt = ChatFormat(tok)
-    held_out = make_tasks(n_eval, seed=10_000)
-    keep = ("score", "pass1", "ended", "score_calc", "score_string")
-    base = {k: v for k, v in evaluate_policy(model, fmt, held_out).items() if k in keep}
-    rows, per_seed = [["base (tiny-llama)", "-", *(round(base[k], 3) for k in keep)]], {}
-    for seed in tqdm(seeds, desc="posttrain sft", unit="seed"):
-        policy = load_artifacts(src)[0]
-        t0 = time.time()
-        tr = run_sft(policy, fmt, sft_examples(fmt, make_tasks(2000, seed=1 + seed)),
-                     sft_config(max_steps=sft_steps, seed=seed), ckpt_dir=run.out / "posttrain" / f"sft-seed{seed}")
-        ev = {k: v for k, v in evaluate_policy(policy, fmt, held_out).items() if k in keep}
-        per_seed[seed] = dict(**ev, final_loss=tr.history["loss"][-1], seconds=round(time.time() - t0, 1))
-        rows.append([f"SFT seed {seed}", sft_steps, *(round(ev[k], 3) for k in keep)])
-    run.metrics["posttrain"] = dict(base=base, sft=per_seed, sft_steps=sft_steps, held_out=n_eval)
-    run.section("Post-training (SFT on the tool-using chat task)", f"""
-Greedy episodes on {n_eval} held-out prompts (notebook 13's task family: calculator delegation and string rewriting);
-oracle score in [0, 1], pass@1 = score exactly 1, ended = final message closed by `<|eot_id|>`. SFT trains on assistant
-tokens only; checkpoints in `posttrain/` (a stopped run resumes exactly).
+    held = make_tasks(cfg.eval_prompts, seed=10_000)
+    ev = lambda m: eval_stage(m, fmt, held, cfg.max_new_tokens)
+    def trained(name):                                          # the base model with a stage's weights loaded
+        m = load_artifacts(src)[0]
+        load_model(m, str(root / name / "model.safetensors")); return m.eval()
+    def reward_model():
+        rm = RewardModel(load_artifacts(src)[0])
+        load_model(rm, str(root / "rm1" / "model.safetensors")); return rm.eval()
+    if stage == "sft":
+        base = ev(model)
+        tr = sft_stage(model, fmt, cfg, seed, root)
+        return dict(base=base, sft=ev(model), loss=tr.history["loss"])
+    if stage == "rm":
+        policy = trained("sft")
+        out = rm_stage(policy, fmt, cfg, seed, 1, ckpt_root=root)
+        (root / "rm1_samples.json").write_text(json_.dumps([episode_dict(e) for e in out["episodes"]]))
+        rep = rm_eval(out["rm"], policy, fmt, cfg, seed)
+        return dict(pairs=len(out["pairs"]), train_accuracy=sum(out["trainer"].history["accuracy"][-10:]) / 10,
+                    sample_score=sum(out["scores"]) / len(out["scores"]),
+                    **{k: rep[k] for k in ("pair_accuracy", "sample_accuracy", "spearman", "bon")})
+    if stage == "rs":
+        eps = [episode_from_dict(d) for d in json_.loads((root / "rm1_samples.json").read_text())]
+        out = rs_stage(trained("sft"), reward_model(), fmt, eps, cfg, seed, 1, ckpt_root=root)
+        if out["trainer"] is None:                              # no finished reply to pick: the policy unchanged
+            from safetensors.torch import save_model
+            (root / "rs1").mkdir(parents=True, exist_ok=True); save_model(out["model"], str(root / "rs1" / "model.safetensors"))
+        return dict(rs=ev(out["model"]), picks=len(out["picks"]), picked_oracle=out["picked_oracle"],
+                    loss=out["trainer"].history["loss"] if out["trainer"] else [])
+    if stage == "dpo":
+        out = dpo_stage(trained("rs1"), reward_model(), fmt, cfg, seed, 1, ckpt_root=root)
+        h = out["trainer"].history if out["trainer"] else {}
+        return dict(dpo=ev(out["model"]), pairs=len(out["pairs"]), oracle_agreement=out["oracle_agreement"],
+                    history={k: h[k] for k in DPO_KEYS if k in h})
+    raise ValueError(f"unknown post-training stage {stage!r}")
 
-{md_table(["model", "SFT steps", *keep], rows)}
-""")
 
+def _posttrain_workers(run: Run, stage: str, cfg) -> dict:
+    "Run `stage` for every seed in parallel worker processes (one thread each); `{seed: result}`, with a progress bar."
+    import multiprocessing as mp, os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from dataclasses import asdict
+    p = run.out / "tiny-llama"
+    src = p if (p / "config.json").is_file() else None          # this run's model, else the shipped one
+    bar = tqdm(total=len(POSTTRAIN_SEEDS), desc=stage, unit="seed")
+    with ProcessPoolExecutor(min(len(POSTTRAIN_SEEDS), os.cpu_count() or 1), mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_posttrain_seed, stage, s, src, str(run.out / "posttrain" / f"seed{s}"), asdict(cfg)): s
+                for s in POSTTRAIN_SEEDS}
+        res = {}
+        for f in as_completed(futs): res[futs[f]] = f.result(); bar.update()
+    bar.close()
+    return {s: res[s] for s in POSTTRAIN_SEEDS}
+
+
+PT_KEYS = ("score", "pass1", "ended", "score_calc", "score_string", "answer_len")
+
+
+def _pt_rows(label: str, evals: dict) -> list[list]:
+    rows = [[f"{label}, seed {s}", *(round(e[k], 3) for k in PT_KEYS)] for s, e in evals.items()]
+    m = {k: [e[k] for e in evals.values()] for k in PT_KEYS}
+    return rows + [[f"**{label}, mean ± half spread**", *(f"{np.mean(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"
+                                                          for v in m.values())]]
+
+
+def _pt_full_note() -> str:
+    "A sentence quoting the shipped full experiment (artifacts/posttrain/rounds.json), if present."
+    from llama32_nb.pretraining import artifacts_dir
+    f = artifacts_dir() / "posttrain" / "rounds.json"
+    if not f.is_file(): return ""
+    full = json.loads(f.read_text())
+    st = full["summary"]["stages"]
+    parts = ", ".join(f"{k.replace(':', ' ').replace('0 ', '')} {v['score']['mean']:.3f} ± {v['score']['spread'] / 2:.3f}"
+                      for k, v in st.items() if "control" not in k)
+    return (f"The full experiment (`{full['command']}`, {full['config']['rounds']} rounds, seeds "
+            f"{full['summary']['seeds']}; {full['seconds'] / 60:.0f} min on {full['cpu']}) gives, held-out oracle "
+            f"score per stage (mean ± half spread): {parts}. Notebooks 13 and 14 plot it.")
+
+
+def stage_sft(run: Run):
+    "Post-training 1/4: SFT of the tiny Llama on gold transcripts of the tool-using chat task (notebook 13)."
+    cfg = posttrain_config()
+    res = _posttrain_workers(run, "sft", cfg)
+    from dataclasses import asdict
+    run.metrics["sft"] = dict(config=asdict(cfg), seeds=res)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for s, r in res.items(): ax.plot(r["loss"], label=f"seed {s}")
+    ax.set(yscale="log", xlabel="step", ylabel="loss on assistant tokens", title="SFT"); ax.legend()
+    figmd = run.figure(fig, "posttrain_sft_loss.png", "SFT loss per step on the gold transcripts' assistant tokens, "
+                       "per seed. Notice the fast fall: the chat format and the call's JSON are learned in tens of steps.")
+    rows = _pt_rows("base (tiny-llama)", {s: r["base"] for s, r in res.items()}) + _pt_rows("SFT", {s: r["sft"] for s, r in res.items()})
+    run.section("Post-training 1/4: SFT on the tool-using chat task", f"""
+Notebook 13's task family (calculator delegation with a `<|python_tag|>` JSON call, and string rewriting), in the
+Llama 3.2 chat format. SFT: {cfg.sft_steps} steps of {cfg.batch_size} gold transcripts, loss on assistant tokens only,
+seeds {list(POSTTRAIN_SEEDS)} in parallel worker processes. Greedy replies to {cfg.eval_prompts} held-out prompts; oracle
+score in [0, 1], pass@1 = score exactly 1, ended = final message closed by `<|eot_id|>`, answer_len = tokens in the
+final answer. Checkpoints in `posttrain/seed*/sft` (a stopped run resumes exactly).
+
+{md_table(["model", *PT_KEYS], rows)}
+{figmd}""")
+
+
+def stage_rm(run: Run):
+    "Post-training 2/4: samples of the SFT policy, oracle-ranked pairs, a reward model, its report, best-of-N curves."
+    cfg = posttrain_config()
+    res = _posttrain_workers(run, "rm", cfg)
+    run.metrics["rm"] = res
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for j, k in enumerate(("RM", "oracle", "random")):
+        curve = np.mean([r["bon"][k] for r in res.values()], 0)
+        ax.plot(range(1, len(curve) + 1), curve, color=f"C{j}", label=f"best of N by {k}")
+    ax.set(xscale="log", xlabel="N", ylabel="expected oracle score", title="best-of-N (mean over seeds)"); ax.legend()
+    figmd = run.figure(fig, "posttrain_best_of_n.png", f"Exact expected oracle score of best-of-N among {cfg.bon_samples} "
+                       f"replies of the SFT policy to each of {cfg.bon_prompts} held-out prompts, by the reward model, "
+                       "by the oracle (the upper bound) and at random. Notice how much of the oracle's headroom the "
+                       "reward model captures: that is what rejection sampling can gain.")
+    keys = ("pairs", "train_accuracy", "pair_accuracy", "sample_accuracy", "spearman", "sample_score")
+    run.section("Post-training 2/4: the reward model", f"""
+{cfg.samples} replies at temperature {cfg.temperature} to each of {cfg.prompts} fresh prompts from the SFT policy, ranked
+by the oracle (standing in for annotators) into edited (gold) > chosen > rejected pairs; a reward model (the SFT
+decoder + a scalar head, Bradley–Terry) trained {cfg.rm_steps} steps. Measured on {cfg.bon_samples} replies to each of
+{cfg.bon_prompts} held-out prompts: accuracy on their edited > chosen > rejected pairs, on every within-prompt pair of
+replies whose oracle scores differ, and the mean within-prompt Spearman correlation with the oracle.
+
+{md_table(["seed", *keys], [[s, *(round(r[k], 3) if isinstance(r[k], float) else r[k] for k in keys)] for s, r in res.items()])}
+{figmd}""")
+
+
+def stage_rs(run: Run):
+    "Post-training 3/4: rejection sampling — SFT of the policy on the reward model's pick of its finished replies."
+    cfg = posttrain_config()
+    res = _posttrain_workers(run, "rs", cfg)
+    run.metrics["rs"] = res
+    sft = run.metrics.get("sft", {}).get("seeds", {})
+    rows = (_pt_rows("SFT", {s: sft[s]["sft"] for s in res}) if sft else []) + _pt_rows("RS-SFT", {s: r["rs"] for s, r in res.items()})
+    run.section("Post-training 3/4: rejection sampling", f"""
+The reward model's pick among each prompt's {cfg.samples} replies (finished ones only: a reply cut off at the token
+limit never becomes a training example) is an SFT example; the SFT policy is fine-tuned on the picks for {cfg.rs_steps}
+steps. Picks per seed: {', '.join(f"{r['picks']} (oracle score {r['picked_oracle']:.3f})" for r in res.values())}.
+
+{md_table(["model", *PT_KEYS], rows)}""")
+
+
+def stage_dpo(run: Run):
+    "Post-training 4/4: on-policy DPO of the RS-SFT policy on reward-model-labelled pairs (notebook 14)."
+    cfg = posttrain_config()
+    res = _posttrain_workers(run, "dpo", cfg)
+    run.metrics["dpo"] = res
+    rs, sft = run.metrics.get("rs", {}), run.metrics.get("sft", {}).get("seeds", {})
+    rows = (_pt_rows("RS-SFT", {s: rs[s]["rs"] for s in res}) if rs else []) + _pt_rows("DPO", {s: r["dpo"] for s, r in res.items()})
+    fig, axs = plt.subplots(1, 2, figsize=(11, 3))
+    for s, r in res.items():
+        for ax, k in zip(axs, ("rewards/margins", "logps/chosen")): ax.plot(r["history"].get(k, []), label=f"seed {s}")
+    for ax, k in zip(axs, ("rewards/margins", "logps/chosen")): ax.set(title=k, xlabel="DPO step"); ax.legend()
+    figmd = run.figure(fig, "posttrain_dpo.png", "DPO metrics per step (TRL's names), per seed: the implicit-reward "
+                       "margin between chosen and rejected replies, and the chosen replies' summed log-probability. "
+                       "Notice whether the margin opens while the chosen replies' likelihood holds (the 0.2 x NLL term).")
+    chain = ""
+    if sft and rs:
+        order = [("base", lambda s: sft[s]["base"]), ("SFT", lambda s: sft[s]["sft"]), ("RS-SFT", lambda s: rs[s]["rs"]),
+                 ("DPO", lambda s: res[s]["dpo"])]
+        chain = "Held-out oracle score along the chain, per seed: " + "; ".join(
+            f"seed {s}: " + " → ".join(f"{n} {f(s)['score']:.3f}" for n, f in order) for s in res) + "."
+    run.section("Post-training 4/4: DPO", f"""
+{cfg.samples} fresh replies per prompt on {cfg.prompts} prompts from the RS-SFT policy; chosen = the reward model's best,
+rejected = its worst (ties dropped); DPO {cfg.dpo_steps} steps at lr {cfg.dpo_lr:g}, β = {cfg.beta}, terminators masked,
+{cfg.nll_weight} × NLL on the chosen reply. Pairs per seed: {', '.join(str(r['pairs']) for r in res.values())}; the oracle
+orders {', '.join(f"{r['oracle_agreement']:.0%}" for r in res.values())} of them the same way.
+
+{md_table(["model", *PT_KEYS], rows)}
+{chain}
+
+This is one small round, to show the stages run end to end within the recipe's budget. {_pt_full_note()}
+
+{figmd}""")
 
 
 def stage_prune(run: Run):
@@ -717,7 +882,8 @@ shape {mean('stage 1 + 2', k='shape')}, count {mean('stage 1 + 2', k='count')}. 
 
 STAGES = {"tokenizer": stage_tokenizer, "pretraining": stage_pretraining, "samples": stage_samples,
           "vision": stage_vision, "adapter": stage_adapter, "teacher": stage_teacher, "prune": stage_prune, "distill": stage_distill,
-          "posttrain": stage_posttrain, "longctx": stage_longctx, "quantize": stage_quantize}
+          "sft": stage_sft, "rm": stage_rm, "rs": stage_rs,
+          "dpo": stage_dpo, "longctx": stage_longctx, "quantize": stage_quantize}
 
 
 def main(argv=None):

@@ -354,3 +354,66 @@ def test_stage_trainer_resumes_exactly(tiny, tmp_path):
             tmp_path / "ck")
     with pytest.raises(ValueError, match="not a rm checkpoint"):
         StageTrainer(fresh(), cfg, ex, mk, sft_loss, "rm").load_checkpoint(tmp_path / "ck")
+
+
+# --- lengths, filters, reports, biased pairs, copying ---------------------------------------------------------
+class LengthRM(torch.nn.Module):
+    "A stand-in reward model: the reward is the row's length."
+    device = torch.device("cpu")
+    def forward(self, tokens, lengths): return lengths.float()
+
+
+def test_lengths_truncated_pairs_and_episode_json(tiny):
+    from llama32_nb.posttrain import (ended, answer_length, gold_length, truncated_pairs, episode_dict,
+                                      episode_from_dict, Episode)
+    _, tok, fmt = tiny
+    for t in make_tasks(6, seed=2):
+        g = gold_episode(fmt, t)
+        assert ended(g, tok) and answer_length(g, tok) == gold_length(fmt, t) == len(tok.encode(t.answer))
+        assert episode_from_dict(json.loads(json.dumps(episode_dict(g)))) == g
+    cut = Episode(t, g.prompt, g.ids[:2], g.gen[:2], [g.ids[:2]])
+    assert not ended(cut, tok) and answer_length(cut, tok) == 2
+    pairs = truncated_pairs(fmt, make_tasks(20, seed=3), seed=1)
+    assert pairs and all(p.rejected[-1] == tok.eot_id and len(p.rejected) < len(p.chosen) for p in pairs)
+    for p in pairs:                                              # rejected = chosen's prefix up to the cut + eot
+        assert p.chosen[:len(p.rejected) - 1] == p.rejected[:-1]
+    assert truncated_pairs(fmt, make_tasks(20, seed=3), seed=1) == pairs
+
+
+def test_rm_report_bon_curves_and_rejection_filter(tiny):
+    from llama32_nb.posttrain import rm_report, bon_curves, Episode
+    _, tok, fmt = tiny
+    g = [gold_episode(fmt, t) for t in make_tasks(3, seed=5)]
+    eps = [x for e in g for x in (e, Episode(e.task, e.prompt, e.ids[:3], e.gen[:3], [e.ids[:3]]))]
+    scores = [oracle_score(e, tok) for e in eps]
+    rep = rm_report(LengthRM(), fmt, eps, scores, 2)
+    assert rep["sample_accuracy"] == 1.0 and rep["spearman"] == 1.0 and rep["sample_pairs"] == 3
+    rev = rm_report(LengthRM(), fmt, eps[::-1], scores[::-1], 2)            # same groups, other order: same report
+    assert rev["sample_accuracy"] == 1.0
+    s, k = [0.1, 0.7, 0.4, 0.0, 1.0, 0.5], [3, 1, 2, 0, 5, 4]
+    c = bon_curves(s, dict(k=k, random=None), 3)
+    want = [(a + b) / 2 for a, b in zip(best_of_n_curve(s[:3], k[:3]), best_of_n_curve(s[3:], k[3:]))]
+    assert c["k"] == pytest.approx(want) and c["random"] == pytest.approx([sum(s) / 6] * 3)
+    long = Episode(g[0].task, g[0].prompt, g[0].ids + [5] * 9, g[0].gen + [1] * 9, [g[0].ids + [5] * 9])
+    assert rejection_sample(LengthRM(), fmt, [g[0], long], 2) == [g[0]]        # unfinished replies never picked
+    assert rejection_sample(LengthRM(), fmt, [long, long], 2) == []
+    assert rejection_sample(LengthRM(), fmt, [g[0], long], 2, require_end=False) == [long]
+
+
+def test_repeat_losses_measures_copying(tiny):
+    from llama32_nb.posttrain import repeat_losses
+    model, _, _ = tiny
+    first, second = repeat_losses(model)
+    assert second > first - 0.5                                 # the shipped tiny Llama has no induction heads
+
+    class Copier(torch.nn.Module):
+        "Predicts the token `period` positions back: perfect on a second copy."
+        def __init__(self, period): super().__init__(); self.period, self.cfg = period, model.cfg; self.training = False
+        device = torch.device("cpu")
+        def forward(self, x):
+            out = torch.zeros(*x.shape, self.cfg.vocab_size)
+            for t in range(self.period - 1, x.shape[1]):
+                out[:, t].scatter_(1, x[:, t - self.period + 1, None], 50.0)
+            return out
+    f, s = repeat_losses(Copier(40), length=40)
+    assert s < 0.01 and f > 5
