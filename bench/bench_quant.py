@@ -2,7 +2,8 @@
 
 The Llama 3.2 1B shape (width 2048, 32 query / 8 key-value heads of 64, SwiGLU 8192, vocab 128,256, tied output) with
 all 16 blocks (`--layers` for fewer; tokens/s scale about as 1/size for every contender alike), random weights built
-in bf16 and shared by every row, 2 threads on both sides. Rows, each compared with the llama.cpp row of its family:
+in bf16 and shared by every row, 2 threads on both sides (`--threads`). Rows, each compared with the llama.cpp row of
+its family:
 
   ours bf16                          the float model (our speed layer), for scale
   ours 8da8w + EO8 (packed)          int8 weights, one scale per row; int8 per-token activations; our int8 kernel
@@ -20,6 +21,7 @@ the median over rounds of its same-round ratio to llama.cpp (> 1: ours faster). 
 between runs. Not a test.
 
     .venv/bin/python bench/bench_quant.py [--quick] [--layers 16] [--rounds 5] [--tokens 32] [--kv f32|f16]
+                                          [--threads 2] [--reference-rows]
 """
 import argparse, copy, gc, os, resource, tempfile, time
 from pathlib import Path
@@ -90,14 +92,17 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--kv", choices=("f32", "f16"), default="f32", help="llama.cpp's KV cache type")
+    ap.add_argument("--threads", type=int, default=2, help="threads on each side (default 2)")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 16 tokens, no 4-bit-head row")
     ap.add_argument("--reference-rows", action="store_true", help="add ours fp32, ours fake-quant, llama.cpp F32")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "llama32_nb_bench_quant"))
     a = ap.parse_args(argv)
     if a.quick: a.rounds, a.tokens = min(a.rounds, 2), min(a.tokens, 16)
     import llama_cpp
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; llama-cpp-python {llama_cpp.__version__}; 2 threads; "
-          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    torch.set_num_threads(a.threads)
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; llama-cpp-python {llama_cpp.__version__}; "
+          f"{a.threads} threads; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average at "
+          f"start {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.time()
     tok = Tokenizer.llama3()
     cfg = LlamaConfig.llama32_1b(n_layers=a.layers, max_seq_len=256)
@@ -118,8 +123,9 @@ def main(argv=None):
         if not p.is_file():
             t = time.time(); export_gguf(base, tok, p.with_suffix(".part"), qt); p.with_suffix(".part").rename(p)
             print(f"wrote {p} ({p.stat().st_size / 1e6:.0f} MB) in {time.time() - t:.0f} s", flush=True)
-        cpp[f"llama.cpp {qt}"] = (llama_cpp.Llama(str(p), n_ctx=256, n_threads=2, n_threads_batch=2, type_k=kv,
-                                                  type_v=kv, verbose=False), p.stat().st_size)
+        lm = llama_cpp.Llama(str(p), n_ctx=256, n_threads=a.threads, n_threads_batch=a.threads, type_k=kv, type_v=kv,
+                             verbose=False)
+        cpp[f"llama.cpp {qt}"] = (lm, p.stat().st_size)
     gc.collect()
     size = {n: model_bytes(m) for n, m in ours.items()} | {n: s for n, (_, s) in cpp.items()}
     f32 = "llama.cpp F32" if a.reference_rows else None
@@ -132,8 +138,8 @@ def main(argv=None):
         for n, (lm, _) in cpp.items(): runs[n].append(cpp_decode(lm, prompt, a.tokens))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in runs.items()), flush=True)
     print(f"\n1B shape, {a.layers} of 16 blocks, {a.tokens} greedy decode steps after the first token, {a.rounds} "
-          f"interleaved rounds, 2 threads, llama.cpp KV cache {a.kv.upper()}; {cpu_model()}; load average at end "
-          f"{os.getloadavg()[0]:.1f}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
+          f"interleaved rounds, {a.threads} threads, llama.cpp KV cache {a.kv.upper()}; {cpu_model()}; load average at "
+          f"end {os.getloadavg()[0]:.1f}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
     print(f"| {'contender':31s} | size MB | decode tok/s (best) | vs llama.cpp: median (best/best) | vs ours bf16 |")
     print("|---|---|---|---|---|")
     for n, v in runs.items():
