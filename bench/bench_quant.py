@@ -10,6 +10,8 @@ its family:
   ours 8da4w + EO8 (packed)          int4 weights in groups of 32, int8 activations, our int4 kernel; int8 output layer
                                      (EO8, as Meta's edge releases), which reads 0.44 bytes a weight more than Q4_0's
   ours 8da4w, 4-bit head (packed)    the same with the output layer in int4 groups of 32 too, as a Q4_0 file has it
+  ... bf16 scales                    the two 8da4w rows with group scales rounded to bf16 (`scale_dtype`), as
+                                     ExecuTorch keeps them on the device: 2 bytes a scale, Q4_0's 4.5 bits a weight
   llama.cpp Q8_0 / Q4_0              llama-cpp-python running our own GGUF exports (`export_gguf`) of the same weights
 
 The quantized models of ours are `quantize_linears` / `quantize_8da4w` + `quantize_eo8` + `use_packed_kernels`
@@ -52,11 +54,11 @@ def random_model(cfg: LlamaConfig, seed=0, dtype=torch.float32) -> Llama:
     return m.eval()
 
 
-def packed(base: Llama, bits: int, int4_head: bool = False, embed=None) -> Llama:
+def packed(base: Llama, bits: int, int4_head: bool = False, embed=None, scale_dtype=torch.float32) -> Llama:
     """A copy of `base` quantized (8da8w or 8da4w + EO8; activations and KV cache fp32) and packed. The copy shares
     `base`'s bf16 table until `quantize_eo8` replaces it, and then `embed` (an earlier copy's identical int8 table)."""
     m = copy.deepcopy(base, memo={id(base.embed_tokens.weight): base.embed_tokens.weight})
-    m = quantize_linears(m, 8, None) if bits == 8 else quantize_8da4w(m)
+    m = quantize_linears(m, 8, None) if bits == 8 else quantize_8da4w(m, 32, scale_dtype)
     m = quantize_eo8(m)
     if embed is not None:
         assert torch.equal(embed.weight.bfloat16(), m.embed_tokens.weight)
@@ -66,7 +68,7 @@ def packed(base: Llama, bits: int, int4_head: bool = False, embed=None) -> Llama
     if int4_head:                                              # the output layer in int4 groups of 32, as Q4_0 does
         head = nn.Linear(m.cfg.dim, m.cfg.vocab_size, bias=False)
         head.weight = nn.Parameter(base.embed_tokens.weight.detach().float(), requires_grad=False)
-        m.lm_head = PackedLinear8da4w(Linear8da4w.from_linear(head, 32))
+        m.lm_head = PackedLinear8da4w(Linear8da4w.from_linear(head, 32, scale_dtype=scale_dtype))
     gc.collect()
     return m
 
@@ -115,6 +117,9 @@ def main(argv=None):
     ours["ours 8da8w + EO8 (packed)"] = p8 = packed(base, 8)
     ours["ours 8da4w + EO8 (packed)"] = packed(base, 4, embed=p8.embed_tokens)
     if not a.quick: ours["ours 8da4w, 4-bit head (packed)"] = packed(base, 4, int4_head=True, embed=p8.embed_tokens)
+    bf = dict(embed=p8.embed_tokens, scale_dtype=torch.bfloat16)
+    ours["ours 8da4w + EO8, bf16 scales"] = packed(base, 4, **bf)
+    if not a.quick: ours["ours 8da4w, 4-bit head, bf16 scales"] = packed(base, 4, int4_head=True, **bf)
     print(f"our models built in {time.time() - t0:.0f} s", flush=True)
     cache = Path(a.cache); cache.mkdir(parents=True, exist_ok=True)
     cpp, kv = {}, {"f32": 0, "f16": 1}[a.kv]
@@ -131,7 +136,8 @@ def main(argv=None):
     f32 = "llama.cpp F32" if a.reference_rows else None
     ref = {"ours bf16": f32, "ours fp32": f32,
            "ours 8da4w + EO8 (fake-quant)": "llama.cpp Q4_0", "ours 8da8w + EO8 (packed)": "llama.cpp Q8_0",
-           "ours 8da4w + EO8 (packed)": "llama.cpp Q4_0", "ours 8da4w, 4-bit head (packed)": "llama.cpp Q4_0"}
+           "ours 8da4w + EO8 (packed)": "llama.cpp Q4_0", "ours 8da4w, 4-bit head (packed)": "llama.cpp Q4_0",
+           "ours 8da4w + EO8, bf16 scales": "llama.cpp Q4_0", "ours 8da4w, 4-bit head, bf16 scales": "llama.cpp Q4_0"}
     runs = {n: [] for n in list(ours) + list(cpp)}
     for r in range(a.rounds):
         for n, m in ours.items(): runs[n].append(decode_speed(m, prompt, a.tokens))
@@ -140,14 +146,14 @@ def main(argv=None):
     print(f"\n1B shape, {a.layers} of 16 blocks, {a.tokens} greedy decode steps after the first token, {a.rounds} "
           f"interleaved rounds, {a.threads} threads, llama.cpp KV cache {a.kv.upper()}; {cpu_model()}; load average at "
           f"end {os.getloadavg()[0]:.1f}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
-    print(f"| {'contender':31s} | size MB | decode tok/s (best) | vs llama.cpp: median (best/best) | vs ours bf16 |")
+    print(f"| {'contender':35s} | size MB | decode tok/s (best) | vs llama.cpp: median (best/best) | vs ours bf16 |")
     print("|---|---|---|---|---|")
     for n, v in runs.items():
         other = ref.get(n)
         vs = (f"{median([x / y for x, y in zip(v, runs[other])]):.2f}x ({max(v) / max(runs[other]):.2f}x) "
               f"{other.split()[-1]}" if other else "")
         vb = f"{median([x / y for x, y in zip(v, runs['ours bf16'])]):.2f}x" if n != "ours bf16" else ""
-        print(f"| {n:31s} | {size[n] / 1e6:7.0f} | {max(v):19.2f} | {vs:32s} | {vb:12s} |")
+        print(f"| {n:35s} | {size[n] / 1e6:7.0f} | {max(v):19.2f} | {vs:32s} | {vb:12s} |")
     print("(size: bytes in memory for ours, of which a packed model's head is its own copy of the int8 table; "
           "the file's bytes for llama.cpp)")
 

@@ -782,6 +782,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'llama32_nb.quant.add_lora': ('quant.html#add_lora', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.check_group_size': ('quant.html#check_group_size', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.check_quantization_args': ('quant.html#check_quantization_args', 'llama32_nb/quant.py'),
+                                  'llama32_nb.quant.check_scale_dtype': ('quant.html#check_scale_dtype', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.decode_speed': ('quant.html#decode_speed', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.dequantize_groupwise': ('quant.html#dequantize_groupwise', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.dequantize_model': ('quant.html#dequantize_model', 'llama32_nb/quant.py'),

@@ -17,13 +17,14 @@ from .decoder import Llama, LlamaConfig, meta_name, permute_qk, unpermute_qk
 from .kernels import use_fast_kernels
 
 # %% auto #0
-__all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'quantize_groupwise', 'dequantize_groupwise',
-           'per_token_qparams', 'fake_quant_per_token', 'ste', 'fake_quant_weight', 'Linear8da4w', 'QATLinear',
-           'Int8Embedding', 'Int8Linear', 'quantize_8da4w', 'prepare_qat', 'quantize_eo8', 'add_lora',
-           'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'hadamard_factors', 'hadamard',
-           'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args', 'save_meta_quantized',
-           'load_meta_quantized', 'packed_kernels', 'pack_int4', 'pack_int8', 'PackedLinear8da4w', 'PackedLinear8da8w',
-           'use_packed_kernels', 'kernel_candidates', 'quantize_linears', 'decode_speed', 'quant_report']
+__all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'check_scale_dtype', 'quantize_groupwise',
+           'dequantize_groupwise', 'per_token_qparams', 'fake_quant_per_token', 'ste', 'fake_quant_weight',
+           'Linear8da4w', 'QATLinear', 'Int8Embedding', 'Int8Linear', 'quantize_8da4w', 'prepare_qat', 'quantize_eo8',
+           'add_lora', 'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'hadamard_factors',
+           'hadamard', 'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args',
+           'save_meta_quantized', 'load_meta_quantized', 'packed_kernels', 'pack_int4', 'pack_int8',
+           'PackedLinear8da4w', 'PackedLinear8da8w', 'use_packed_kernels', 'kernel_candidates', 'quantize_linears',
+           'decode_speed', 'quant_report']
 
 # %% ../nbs/16_quant.ipynb #ae0bc387
 class QuantizationError(ValueError):
@@ -42,16 +43,25 @@ def check_group_size(width: int, group_size: int, what: str = "weight") -> int:
         raise QuantizationError(f"group_size {group_size} does not divide the input width {width} of {what}")
     return group_size
 
-def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def check_scale_dtype(scale_dtype: torch.dtype) -> torch.dtype:
+    "`scale_dtype` if it is fp32 or bf16 (the precisions the group scales are kept in), else a `QuantizationError`."
+    if scale_dtype not in (torch.float32, torch.bfloat16):
+        raise QuantizationError(f"scale_dtype must be torch.float32 or torch.bfloat16, got {scale_dtype!r}")
+    return scale_dtype
+
+def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32,
+                       scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric group-wise quantization of `w [out, in]`: integer values `q` (int8 tensor, in the `bits` range) and
-    fp32 scales `[out, in // group_size]`, so that `w ≈ q * scale` per group."""
+    fp32 scales `[out, in // group_size]`, so that `w ≈ q * scale` per group. With `scale_dtype=torch.bfloat16` each
+    scale is rounded to bf16 first (still returned as fp32) and the weights are rounded against that scale."""
     if w.dim() != 2: raise QuantizationError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    check_group_size(w.shape[1], group_size)
+    check_group_size(w.shape[1], group_size); check_scale_dtype(scale_dtype)
     qmin, qmax = qrange(bits)
     g = w.detach().float().reshape(w.shape[0], -1, group_size)
     scale = (g.abs().amax(-1) / ((qmax - qmin) / 2)).clamp_min(torch.finfo(torch.float32).smallest_normal)
-    q = (g * (1.0 / scale[..., None])).round().clamp(qmin, qmax).to(torch.int8)      # times the reciprocal, as torchao
-    return q.reshape(w.shape), scale
+    scale = scale.to(scale_dtype)                       # times the reciprocal, taken in the scale's precision, as torchao
+    q = (g * (1.0 / scale[..., None]).float()).round().clamp(qmin, qmax).to(torch.int8)
+    return q.reshape(w.shape), scale.float()
 
 def dequantize_groupwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     "fp32 `q * scale` per group (the group size is `q.shape[1] // scale.shape[1]`)."
@@ -127,11 +137,12 @@ class Linear8da4w(_Adapted, nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, bits: int = 4) -> "Linear8da4w":
-        "Post-training quantization of `linear` (its adaptor, if any, carried over)."
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, bits: int = 4,
+                    scale_dtype: torch.dtype = torch.float32) -> "Linear8da4w":
+        "Post-training quantization of `linear` (its adaptor, if any, carried over); scales as `quantize_groupwise`."
         if linear.bias is not None: raise QuantizationError("8da4w linears have no bias (Llama has none)")
         m = cls(linear.in_features, linear.out_features, group_size, bits, device=linear.weight.device)
-        m.weight, m.scales = quantize_groupwise(linear.weight, bits, group_size)
+        m.weight, m.scales = quantize_groupwise(linear.weight, bits, group_size, scale_dtype)
         m.zeros = torch.zeros_like(m.scales)
         if getattr(linear, "adaptor", None) is not None: m.adaptor, m.lora_scale = linear.adaptor, linear.lora_scale
         return m
@@ -192,12 +203,15 @@ def _block_linears(model: nn.Module):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name not in ("A", "B"): yield parent, name, child
 
-def quantize_8da4w(model: nn.Module, group_size: int = 32) -> nn.Module:
+def quantize_8da4w(model: nn.Module, group_size: int = 32, scale_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Swap every linear layer of the blocks (`model.layers`) in place for an 8da4w `Linear8da4w` (int4 weights in
-    groups of `group_size` along the input, int8 dynamic activations); returns `model`."""
+    groups of `group_size` along the input, int8 dynamic activations; group scales rounded to `scale_dtype`, fp32 as
+    the reference or bf16 as ExecuTorch keeps them on the device); returns `model`."""
     targets = list(_block_linears(model))
+    check_scale_dtype(scale_dtype)
     for _, name, m in targets: check_group_size(m.in_features, group_size, name)   # all or nothing
-    for parent, name, m in targets: setattr(parent, name, Linear8da4w.from_linear(m, group_size))
+    for parent, name, m in targets:
+        setattr(parent, name, Linear8da4w.from_linear(m, group_size, scale_dtype=scale_dtype))
     return model
 
 def prepare_qat(model: nn.Module, group_size: int = 32) -> nn.Module:
@@ -599,6 +613,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_codes(const at::Tensor& x) 
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 scales8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 scales8(const uint16_t* p) {                     // 8 bf16 numbers widened to fp32, exactly
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 static inline __m256i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 // acc[i] += sum_{j<4} u[4i+j] * s[4i+j], u unsigned bytes with u * s pairs within int16 (true for 4-bit u)
 static inline __m256i dot_small(__m256i acc, __m256i u, __m256i s) {
@@ -620,25 +638,31 @@ static inline __m256i dot_u8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 #endif
+static inline float scale_at(const float* p, int64_t i) { return p[i]; }
+static inline float scale_at(const uint16_t* p, int64_t i) {
+  const uint32_t u = uint32_t(p[i]) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
 
 // 8da4w: y[m, n] = scale[m] * sum_g s[n, g] * sum_{k in g} (q[m, k] - zp[m]) * w[n, k], w in [-8, 7]. Layout, for
 // each group of 8 output rows and each block of 32 inputs: 4 vectors of 32 bytes; byte 4 * row + j of vector v holds
 // w + 8 of input 4v + j in its low nibble and of input 16 + 4v + j in its high nibble. The lanes of the 8 int32
 // accumulators are the 8 rows. Summing (q - zp)(w) = q (w + 8) - 8 q - zp w: the first term is the integer dot
 // product, the second is per block of activations, the third is folded into corr[n] = sum_g s[n, g] sum_{k in g} w.
+// The scales are fp32 or bf16 (read as fp32, exactly: the same arithmetic either way).
 at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                         const at::Tensor& corr, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), NR = packed.size(0), N = NR * 8, G = scales.size(1);
   TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0 && G == K / group_size, "bad shapes");
   TORCH_CHECK(packed.numel() == N * K / 2 && scales.numel() == N * G && corr.numel() == N, "bad packed shapes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16, "scales: fp32 or bf16");
   const int64_t bpg = group_size / 32;
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto sx = at::empty({M}, x.options()), zp = at::empty({M}, x.options());
   auto y = at::empty({M, N}, x.options());
   quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), sx.data_ptr<float>(), zp.data_ptr<float>());
   const int8_t* qp = q.data_ptr<int8_t>(); const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>(); const float* cp = corr.data_ptr<float>();
+  const float* cp = corr.data_ptr<float>();
   const float* sxp = sx.data_ptr<float>(); const float* zpp = zp.data_ptr<float>(); float* yp = y.data_ptr<float>();
   auto A = at::empty({M, G}, x.options().dtype(at::kInt));            // 8 * the sum of each group's codes
   int32_t* Ap = A.data_ptr<int32_t>();
@@ -648,10 +672,10 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) a += qp[m * K + k];
       Ap[m * G + g] = 8 * a;
     }
-  at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
+  auto rows = [&](auto sp) { at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xm = qp + m * K; const uint8_t* w = wp + r * (K / 32) * 128; const float* s = sp + r * G * 8;
+        const int8_t* xm = qp + m * K; const uint8_t* w = wp + r * (K / 32) * 128; const auto* s = sp + r * G * 8;
 #if defined(__AVX2__) && defined(__FMA__)
         const __m256i lo4 = _mm256_set1_epi8(0x0F);
         __m256 f = _mm256_setzero_ps();
@@ -666,7 +690,7 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
             }
           }
           acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(Ap[m * G + g]));
-          f = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * g), _mm256_cvtepi32_ps(acc), f);
+          f = _mm256_fmadd_ps(scales8(s + 8 * g), _mm256_cvtepi32_ps(acc), f);
         }
         f = _mm256_fnmadd_ps(_mm256_set1_ps(zpp[m]), _mm256_loadu_ps(cp + 8 * r), f);
         _mm256_storeu_ps(yp + m * N + 8 * r, _mm256_mul_ps(f, _mm256_set1_ps(sxp[m])));
@@ -682,13 +706,15 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
                   acc += int32_t(xm[32 * b + 4 * v + j]) * (byte & 15)
                        + int32_t(xm[32 * b + 16 + 4 * v + j]) * (byte >> 4);
                 }
-            f += s[8 * g + i] * float(acc);
+            f += scale_at(s, 8 * g + i) * float(acc);
           }
           yp[m * N + 8 * r + i] = (f - zpp[m] * cp[8 * r + i]) * sxp[m];
         }
 #endif
       }
-  });
+  }); };
+  if (scales.scalar_type() == at::kBFloat16) rows((const uint16_t*)scales.data_ptr());
+  else rows(scales.data_ptr<float>());
   return y;
 }
 
@@ -769,13 +795,15 @@ def packed_kernels():
 # %% ../nbs/16_quant.ipynb #be072b24
 def pack_int4(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our int4 layout of `q [N, K]` (int8 holding −8…7) with group scales `[N, G]`: `packed [N/8, K/32, 4, 32]`
-    (two weights a byte, 8 rows interleaved), `scales [N/8, G, 8]` and `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
+    (two weights a byte, 8 rows interleaved), `scales [N/8, G, 8]` (bf16 when every scale is a bf16 number, which
+    loses nothing, else fp32) and `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
     N, K = q.shape
     u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(N // 8, 8, K // 32, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
     packed = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N // 8, K // 32, 4, 32).contiguous()
     gs = K // scales.shape[1]
     corr = (q.double().reshape(N, -1, gs).sum(-1) * scales.double()).sum(-1).float()
-    return packed, scales.float().reshape(N // 8, 8, -1).transpose(1, 2).contiguous(), corr
+    s = scales.float().reshape(N // 8, 8, -1).transpose(1, 2).contiguous()
+    return packed, s.bfloat16() if torch.equal(s.bfloat16().float(), s) else s, corr
 
 def pack_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Our int8 layout of `q [N, K]`: `packed [N/8, K/4, 32]` (8 rows interleaved, 4 inputs each) and `wsum [N]` (int32)."
@@ -795,7 +823,8 @@ def _check_packable(name: str, n: int, k: int, group_size: int, bits: int):
 
 class PackedLinear8da4w(_Adapted, nn.Module):
     """A 4-bit `Linear8da4w` packed for our integer kernel (`pack_int4`): the input rounded per token to int8 exactly
-    as `Linear8da4w` rounds it, integer dot products per group, fp32 scales. Inference only."""
+    as `Linear8da4w` rounds it, integer dot products per group, fp32 scales (kept in bf16 when they are bf16
+    numbers). Inference only."""
     def __init__(self, ref: Linear8da4w):
         super().__init__()
         n, k = ref.out_features, ref.in_features

@@ -43,13 +43,24 @@ def test_8da4w_linear_matches_torchao(torchao, seed, shape):
     torch.testing.assert_close(ours, ref2, rtol=0, atol=1e-6)
 
 
-def test_weight_values_match_torchao(torchao):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_weight_values_match_torchao(torchao, scale_dtype):
+    "Weights and scales bit for bit, fp32 scales or bf16 ones (torchao's scales_precision), and so the outputs."
     from torchao.quantization.linear_quant_modules import Int8DynActInt4WeightQuantizer
     torch.manual_seed(3)
     lin = nn.Linear(128, 48, bias=False)
-    ref = Int8DynActInt4WeightQuantizer(groupsize=32).quantize(nn.Sequential(copy.deepcopy(lin)))[0]
-    q, s = quantize_groupwise(lin.weight, 4, 32)
+    ref = Int8DynActInt4WeightQuantizer(groupsize=32, scales_precision=scale_dtype).quantize(
+        nn.Sequential(copy.deepcopy(lin)))[0]
+    q, s = quantize_groupwise(lin.weight, 4, 32, scale_dtype)
+    assert ref.scales.dtype == scale_dtype and s.dtype == torch.float32
     assert torch.equal(q, ref.weight) and torch.equal(s, ref.scales.float())
+    x = torch.randn(3, 7, 128)
+    torch.testing.assert_close(Linear8da4w.from_linear(lin, 32, scale_dtype=scale_dtype)(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_bad_scale_dtype_is_named():
+    with pytest.raises(QuantizationError, match="scale_dtype"):
+        quantize_8da4w(Llama(LlamaConfig.toy(vocab_size=64)), 32, scale_dtype=torch.float16)
 
 
 def test_per_token_activation_matches_torchao(torchao):
@@ -295,6 +306,23 @@ def test_packing_layouts_are_exact():
     q8 = torch.randint(-128, 128, (16, 40), dtype=torch.int8)
     p8, wsum = pack_int8(q8)
     assert torch.equal(p8.transpose(1, 2).reshape(16, 40), q8) and torch.equal(wsum, q8.int().sum(1))
+
+
+def test_bf16_scales_pack_losslessly(ops):
+    "bf16-valued scales are stored in bf16 (half the bytes) and give bit-identical outputs; other scales stay fp32."
+    torch.manual_seed(7)
+    lin, x = nn.Linear(256, 64, bias=False), torch.randn(2, 5, 256)
+    ref = Linear8da4w.from_linear(lin, 32, scale_dtype=torch.bfloat16)
+    pk, sc, corr = pack_int4(ref.weight, ref.scales)
+    assert sc.dtype == torch.bfloat16 and torch.equal(sc.float(), ref.scales.reshape(8, 8, -1).transpose(1, 2))
+    packed = PackedLinear8da4w(ref)
+    assert packed.scales.dtype == torch.bfloat16
+    assert torch.equal(packed(x).reshape(-1, 64), ops.linear_8da4w(x.reshape(-1, 256), pk, sc.float(), corr, 32))
+    assert model_bytes(packed) < model_bytes(PackedLinear8da4w(Linear8da4w.from_linear(lin, 32)))
+    assert PackedLinear8da4w(Linear8da4w.from_linear(lin, 32)).scales.dtype == torch.float32
+    w_hat = ref.dequantized_weight()
+    bound = per_token_qparams(x)[0] * 255 * w_hat.abs().sum(1).max()
+    assert ((packed(x) - ref(x)).abs() / bound).max() < 1e-6
 
 
 def test_kernels_sum_integers_exactly(ops):
