@@ -422,9 +422,9 @@ def passkey_at(model: LongLlama, tok, n_tokens: int, trials: int, seed: int = 1)
 def answer_scores(model: Llama, items: Sequence[RetrievalItem], chunk_size: int = 512) -> tuple[float, float]:
     """`(accuracy, nll per digit)` of `model` on `items` from one teacher-forced pass per item. Greedy decoding
     reproduces an answer exactly when, fed the answer's own prefix, the model's top token is the next answer token at
-    every step — so the exact-match accuracy of `score(model_answerer(model), items)` comes out of the same pass as the
-    answer's negative log-likelihood, a graded score in nats per digit of the key: `ln 10` ≈ 2.30 for a model that
-    guesses the digits, 0 for a perfect reader."""
+    every step — so the exact-match accuracy of `score(model_answerer(model), items)` comes out of the same pass as
+    the answer's negative log-likelihood, a graded score in nats per digit of the key: `ln 10` ≈ 2.30 for a model
+    that guesses the digits, 0 for a perfect reader."""
     m = long_context(model, model.cfg.rope_scaling, max(max(len(i.prompt) + len(i.answer) for i in items),
                                                       model.cfg.max_seq_len))
     hits, total, count = 0, 0.0, 0

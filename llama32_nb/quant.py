@@ -59,7 +59,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32,
     qmin, qmax = qrange(bits)
     g = w.detach().float().reshape(w.shape[0], -1, group_size)
     scale = (g.abs().amax(-1) / ((qmax - qmin) / 2)).clamp_min(torch.finfo(torch.float32).smallest_normal)
-    scale = scale.to(scale_dtype)                       # times the reciprocal, taken in the scale's precision, as torchao
+    scale = scale.to(scale_dtype)         # times the reciprocal in the scale's precision, as torchao
     q = (g * (1.0 / scale[..., None]).float()).round().clamp(qmin, qmax).to(torch.int8)
     return q.reshape(w.shape), scale.float()
 
