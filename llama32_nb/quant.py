@@ -22,7 +22,7 @@ __all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'check_s
            'Linear8da4w', 'QATLinear', 'Int8Embedding', 'Int8Linear', 'quantize_8da4w', 'prepare_qat', 'quantize_eo8',
            'add_lora', 'dequantize_model', 'model_bytes', 'layer_errors', 'finetune', 'val_loss', 'hadamard_factors',
            'hadamard', 'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args',
-           'save_meta_quantized', 'load_meta_quantized', 'packed_kernels', 'pack_int4', 'pack_int8',
+           'save_meta_quantized', 'load_meta_quantized', 'packed_kernels', 'pack_int4', 'unpack_int4', 'pack_int8',
            'PackedLinear8da4w', 'PackedLinear8da8w', 'use_packed_kernels', 'kernel_candidates', 'quantize_linears',
            'decode_speed', 'quant_report']
 
@@ -582,6 +582,7 @@ _KERNELS_SRC = r'''
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -643,20 +644,23 @@ static inline float scale_at(const uint16_t* p, int64_t i) {
   const uint32_t u = uint32_t(p[i]) << 16; float f; std::memcpy(&f, &u, 4); return f;
 }
 
-// 8da4w: y[m, n] = scale[m] * sum_g s[n, g] * sum_{k in g} (q[m, k] - zp[m]) * w[n, k], w in [-8, 7]. Layout, for
-// each group of 8 output rows and each block of 32 inputs: 4 vectors of 32 bytes; byte 4 * row + j of vector v holds
-// w + 8 of input 4v + j in its low nibble and of input 16 + 4v + j in its high nibble. The lanes of the 8 int32
-// accumulators are the 8 rows. Summing (q - zp)(w) = q (w + 8) - 8 q - zp w: the first term is the integer dot
-// product, the second is per block of activations, the third is folded into corr[n] = sum_g s[n, g] sum_{k in g} w.
-// The scales are fp32 or bf16 (read as fp32, exactly: the same arithmetic either way).
-at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                        const at::Tensor& corr, int64_t group_size) {
+// 8da4w: y[m, n] = scale[m] * sum_g s[n, g] * sum_{k in g} (q[m, k] - zp[m]) * w[n, k], w in [-8, 7]. Layout
+// (`pack_int4`): for each group of 8 output rows, for each group of inputs, bpg = group_size / 32 blocks of 4 vectors
+// of 32 bytes, then the group's 8 scales (fp32 or bf16, read as fp32 exactly): one stream of bytes, read once, in
+// order. Byte 4 * row + j of vector v holds w + 8 of input 4v + j in its low nibble and of input 16 + 4v + j in its
+// high nibble; the lanes of the 8 int32 accumulators are the 8 rows. Summing (q - zp)(w) = q (w + 8) - 8 q - zp w:
+// the first term is the integer dot product, the second is per block of activations, the third is folded into
+// corr[n] = sum_g s[n, g] sum_{k in g} w.
+at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& corr, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), NR = packed.size(0), N = NR * 8, G = scales.size(1);
-  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0 && G == K / group_size, "bad shapes");
-  TORCH_CHECK(packed.numel() == N * K / 2 && scales.numel() == N * G && corr.numel() == N, "bad packed shapes");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16, "scales: fp32 or bf16");
-  const int64_t bpg = group_size / 32;
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed: contiguous uint8 [N/8, G, group bytes]");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "group_size: a positive multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), NR = packed.size(0), N = NR * 8, G = packed.size(1);
+  const int64_t bpg = group_size / 32, stride = packed.size(2), sbytes = (stride - 128 * bpg) / 8;
+  TORCH_CHECK(G * group_size == K, "packed holds ", G, " groups of ", group_size, " inputs, x has ", K);
+  TORCH_CHECK(stride == 128 * bpg + 16 || stride == 128 * bpg + 32, "packed: bad group bytes ", stride);
+  TORCH_CHECK(corr.scalar_type() == at::kFloat && corr.is_contiguous() && corr.numel() == N, "corr: fp32 [N]");
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto sx = at::empty({M}, x.options()), zp = at::empty({M}, x.options());
   auto y = at::empty({M, N}, x.options());
@@ -672,17 +676,19 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) a += qp[m * K + k];
       Ap[m * G + g] = 8 * a;
     }
-  auto rows = [&](auto sp) { at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
+  auto rows = [&](auto sp) { using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
+   at::parallel_for(0, NR, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xm = qp + m * K; const uint8_t* w = wp + r * (K / 32) * 128; const auto* s = sp + r * G * 8;
+        const int8_t* xm = qp + m * K; const uint8_t* w = wp + r * G * stride;
 #if defined(__AVX2__) && defined(__FMA__)
         const __m256i lo4 = _mm256_set1_epi8(0x0F);
         __m256 f = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* wg = w + g * stride;
           __m256i acc = _mm256_setzero_si256();
-          for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-            const uint8_t* wb = w + b * 128; const int8_t* xb = xm + 32 * b;
+          for (int64_t b = 0; b < bpg; ++b) {
+            const uint8_t* wb = wg + b * 128; const int8_t* xb = xm + g * group_size + 32 * b;
             for (int v = 0; v < 4; ++v) {
               __m256i V = _mm256_loadu_si256((const __m256i*)(wb + 32 * v));
               acc = dot_small(acc, _mm256_and_si256(V, lo4), bcast4(xb + 4 * v));
@@ -690,7 +696,7 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
             }
           }
           acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(Ap[m * G + g]));
-          f = _mm256_fmadd_ps(scales8(s + 8 * g), _mm256_cvtepi32_ps(acc), f);
+          f = _mm256_fmadd_ps(scales8((const S*)(wg + 128 * bpg)), _mm256_cvtepi32_ps(acc), f);
         }
         f = _mm256_fnmadd_ps(_mm256_set1_ps(zpp[m]), _mm256_loadu_ps(cp + 8 * r), f);
         _mm256_storeu_ps(yp + m * N + 8 * r, _mm256_mul_ps(f, _mm256_set1_ps(sxp[m])));
@@ -698,23 +704,24 @@ at::Tensor linear_8da4w(const at::Tensor& x, const at::Tensor& packed, const at:
         for (int i = 0; i < 8; ++i) {
           float f = 0.f;
           for (int64_t g = 0; g < G; ++g) {
+            const uint8_t* wg = w + g * stride;
             int32_t acc = -Ap[m * G + g];
-            for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b)
+            for (int64_t b = 0; b < bpg; ++b)
               for (int v = 0; v < 4; ++v)
                 for (int j = 0; j < 4; ++j) {
-                  const uint8_t byte = w[b * 128 + 32 * v + 4 * i + j];
-                  acc += int32_t(xm[32 * b + 4 * v + j]) * (byte & 15)
-                       + int32_t(xm[32 * b + 16 + 4 * v + j]) * (byte >> 4);
+                  const uint8_t byte = wg[b * 128 + 32 * v + 4 * i + j];
+                  const int8_t* xb = xm + g * group_size + 32 * b;
+                  acc += int32_t(xb[4 * v + j]) * (byte & 15) + int32_t(xb[16 + 4 * v + j]) * (byte >> 4);
                 }
-            f += scale_at(s, 8 * g + i) * float(acc);
+            f += scale_at((const S*)(wg + 128 * bpg), i) * float(acc);
           }
           yp[m * N + 8 * r + i] = (f - zpp[m] * cp[8 * r + i]) * sxp[m];
         }
 #endif
       }
   }); };
-  if (scales.scalar_type() == at::kBFloat16) rows((const uint16_t*)scales.data_ptr());
-  else rows(scales.data_ptr<float>());
+  if (sbytes == 2) rows((const uint16_t*)nullptr);
+  else rows((const float*)nullptr);
   return y;
 }
 
@@ -765,7 +772,7 @@ at::Tensor linear_8da8w(const at::Tensor& x, const at::Tensor& packed, const at:
 
 TORCH_LIBRARY(llama32_nb_quant, m) {
   m.def("token_codes(Tensor x) -> (Tensor, Tensor, Tensor)", &token_codes);
-  m.def("linear_8da4w(Tensor x, Tensor packed, Tensor scales, Tensor corr, int group_size) -> Tensor", &linear_8da4w);
+  m.def("linear_8da4w(Tensor x, Tensor packed, Tensor corr, int group_size) -> Tensor", &linear_8da4w);
   m.def("linear_8da8w(Tensor x, Tensor packed, Tensor wsum, Tensor ws) -> Tensor", &linear_8da8w);
 }
 '''
@@ -793,17 +800,36 @@ def packed_kernels():
     return _kernel_ops
 
 # %% ../nbs/16_quant.ipynb #be072b24
-def pack_int4(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our int4 layout of `q [N, K]` (int8 holding −8…7) with group scales `[N, G]`: `packed [N/8, K/32, 4, 32]`
-    (two weights a byte, 8 rows interleaved), `scales [N/8, G, 8]` (bf16 when every scale is a bf16 number, which
-    loses nothing, else fp32) and `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, scale_dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 layout of `q [N, K]` (int8 holding −8…7) with group scales `[N, G]`, one stream for the kernel:
+    `packed [N/8, G, bytes]` (uint8) holds, for each 8 output rows and each group of `gs = K/G` inputs, the group's
+    weights (`gs/32` blocks of 4 × 32 bytes, two weights a byte, the 8 rows interleaved), then the 8 rows' scales
+    (`scale_dtype`; by default bf16 when every scale is a bf16 number, which loses nothing, else fp32). Also
+    `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
     N, K = q.shape
+    G = scales.shape[1]
     u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(N // 8, 8, K // 32, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
-    packed = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N // 8, K // 32, 4, 32).contiguous()
-    gs = K // scales.shape[1]
-    corr = (q.double().reshape(N, -1, gs).sum(-1) * scales.double()).sum(-1).float()
-    s = scales.float().reshape(N // 8, 8, -1).transpose(1, 2).contiguous()
-    return packed, s.bfloat16() if torch.equal(s.bfloat16().float(), s) else s, corr
+    w = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N // 8, G, K // G * 4)         # [rows/8, group, weight bytes]
+    corr = (q.double().reshape(N, G, -1).sum(-1) * scales.double()).sum(-1).float()
+    s = scales.float().reshape(N // 8, 8, G).transpose(1, 2).contiguous()          # [rows/8, group, 8 rows]
+    lossless = torch.equal(s.bfloat16().float(), s)
+    if scale_dtype not in (None, torch.float32, torch.bfloat16):
+        raise QuantizationError(f"packed scales are fp32 or bf16, not {scale_dtype}")
+    if scale_dtype == torch.bfloat16 and not lossless:
+        raise QuantizationError("these scales are not all bf16 numbers: storing them in bf16 would change them")
+    if scale_dtype == torch.bfloat16 or (scale_dtype is None and lossless): s = s.bfloat16()
+    return torch.cat([w, s.view(torch.uint8)], -1).contiguous(), corr
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "The inverse of `pack_int4`: `q [N, K]` (int8) and the group scales `[N, G]` (fp32)."
+    R, G, nbytes = packed.shape
+    wb = group_size // 32 * 128
+    w = packed[..., :wb].reshape(R, G * group_size // 32, 4, 8, 4)               # [rows/8, block, v, row, j]
+    u = torch.stack([w & 15, w >> 4], 2).permute(0, 4, 1, 2, 3, 5)                # [rows/8, row, block, half, v, j]
+    q = (u.reshape(R * 8, G * group_size).to(torch.int16) - 8).to(torch.int8)
+    s = packed[..., wb:].contiguous().view(torch.bfloat16 if nbytes - wb == 16 else torch.float32)
+    return q, s.float().transpose(1, 2).reshape(R * 8, G)
 
 def pack_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Our int8 layout of `q [N, K]`: `packed [N/8, K/4, 32]` (8 rows interleaved, 4 inputs each) and `wsum [N]` (int32)."
@@ -832,17 +858,23 @@ class PackedLinear8da4w(_Adapted, nn.Module):
         if ref.bits != 4: raise QuantizationError("PackedLinear8da4w packs 4-bit weights; use PackedLinear8da8w")
         if ref.zeros.abs().max() > 0: raise QuantizationError("the packed kernels need zero points of 0 (symmetric)")
         self.in_features, self.out_features, self.group_size = k, n, ref.group_size
-        for name, t in zip(("packed", "scales", "corr"), pack_int4(ref.weight, ref.scales)):
-            self.register_buffer(name, t)
+        packed, corr = pack_int4(ref.weight, ref.scales)
+        self.register_buffer("packed", packed); self.register_buffer("corr", corr)
         self.adaptor, self.lora_scale = ref.adaptor, ref.lora_scale
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        "How the group scales are stored: bf16 when they are all bf16 numbers, else fp32."
+        return torch.bfloat16 if self.packed.shape[-1] == self.group_size * 4 + 16 else torch.float32
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = packed_kernels().linear_8da4w(x2, self.packed, self.scales, self.corr, self.group_size)
+        y = packed_kernels().linear_8da4w(x2, self.packed, self.corr, self.group_size)
         return self._add_adaptor(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype), x)
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, packed int4 groups of {self.group_size}, int8 activations"
+        return (f"{self.in_features}, {self.out_features}, packed int4 groups of {self.group_size}, "
+                f"{str(self.scale_dtype).removeprefix('torch.')} scales, int8 activations")
 
 class PackedLinear8da8w(nn.Module):
     """Per-row int8 weights `q [N, K]` times `scales [N]`, the input rounded per token to int8 (ExecuTorch's 8da8w),

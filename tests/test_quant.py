@@ -263,7 +263,7 @@ def test_rotated_model_quantizes_through_the_swaps():
 # --- packed integer kernels (use_packed_kernels) ---------------------------------------------------------------------
 from llama32_nb.quant import (PackedLinear8da4w, PackedLinear8da8w, Int8Linear, decode_speed, kernel_candidates,
                               pack_int4, pack_int8, packed_kernels, per_token_qparams, quant_report, quantize_linears,
-                              use_packed_kernels, val_loss)
+                              unpack_int4, use_packed_kernels, val_loss)
 
 
 @pytest.fixture(scope="module")
@@ -291,18 +291,23 @@ def test_token_codes_are_the_reference_bit_for_bit(ops):
                                                      fake_quant_per_token(x))
 
 
-def _unpack_int4(packed):
-    R, B = packed.shape[:2]
-    lo, hi = packed & 15, packed >> 4                                       # [R, B, 4 (v), 32 (row * 4 + j)]
-    u = torch.stack([lo, hi], 2).reshape(R, B, 2, 4, 8, 4).permute(0, 4, 1, 2, 3, 5)   # [R, row, B, half, v, j]
-    return u.reshape(R * 8, B * 32).to(torch.int16) - 8
-
-
 def test_packing_layouts_are_exact():
-    q4 = torch.randint(-8, 8, (24, 96), dtype=torch.int8)
-    packed, scales, corr = pack_int4(q4, torch.rand(24, 3))
-    assert packed.dtype == torch.uint8 and packed.shape == (3, 3, 4, 32)
-    assert torch.equal(_unpack_int4(packed), q4.to(torch.int16))
+    g = torch.Generator().manual_seed(3)
+    q4, s4 = torch.randint(-8, 8, (24, 128), dtype=torch.int8, generator=g), torch.rand(24, 2, generator=g)
+    packed, corr = pack_int4(q4, s4)                                        # groups of 64: 2 blocks + 8 fp32 scales
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 2, 2 * 128 + 32)
+    for r, g_, b, v, row, j in [(0, 0, 0, 0, 0, 0), (2, 1, 1, 3, 7, 3), (1, 0, 1, 2, 5, 1)]:
+        k = 64 * g_ + 32 * b + 4 * v + j                                    # byte 4 row + j of vector v of block b
+        byte = packed[r, g_, 128 * b + 32 * v + 4 * row + j].item()
+        assert byte == (q4[8 * r + row, k].item() + 8) | ((q4[8 * r + row, k + 16].item() + 8) << 4)
+    assert torch.equal(packed[1, 1, 256:].view(torch.float32), s4[8:16, 1])    # then the group's 8 scales
+    assert torch.equal(corr, (q4.double().reshape(24, 2, 64).sum(-1) * s4.double()).sum(-1).float())
+    q, s = unpack_int4(packed, 64)
+    assert torch.equal(q, q4) and torch.equal(s, s4)
+    pb, _ = pack_int4(q4, s4.bfloat16().float())                            # bf16 numbers: stored in 2 bytes
+    assert pb.shape == (3, 2, 256 + 16) and torch.equal(unpack_int4(pb, 64)[1], s4.bfloat16().float())
+    with pytest.raises(QuantizationError, match="not all bf16"): pack_int4(q4, s4, torch.bfloat16)
+    with pytest.raises(QuantizationError, match="fp32 or bf16"): pack_int4(q4, s4, torch.float16)
     q8 = torch.randint(-128, 128, (16, 40), dtype=torch.int8)
     p8, wsum = pack_int8(q8)
     assert torch.equal(p8.transpose(1, 2).reshape(16, 40), q8) and torch.equal(wsum, q8.int().sum(1))
@@ -313,13 +318,14 @@ def test_bf16_scales_pack_losslessly(ops):
     torch.manual_seed(7)
     lin, x = nn.Linear(256, 64, bias=False), torch.randn(2, 5, 256)
     ref = Linear8da4w.from_linear(lin, 32, scale_dtype=torch.bfloat16)
-    pk, sc, corr = pack_int4(ref.weight, ref.scales)
-    assert sc.dtype == torch.bfloat16 and torch.equal(sc.float(), ref.scales.reshape(8, 8, -1).transpose(1, 2))
+    pk, corr = pack_int4(ref.weight, ref.scales)
+    pf, _ = pack_int4(ref.weight, ref.scales, torch.float32)
+    assert pk.shape[-1] == 128 + 16 and pf.shape[-1] == 128 + 32 and torch.equal(unpack_int4(pk, 32)[1], ref.scales)
     packed = PackedLinear8da4w(ref)
-    assert packed.scales.dtype == torch.bfloat16
-    assert torch.equal(packed(x).reshape(-1, 64), ops.linear_8da4w(x.reshape(-1, 256), pk, sc.float(), corr, 32))
+    assert packed.scale_dtype == torch.bfloat16 and "bfloat16 scales" in repr(packed)
+    assert torch.equal(packed(x).reshape(-1, 64), ops.linear_8da4w(x.reshape(-1, 256), pf, corr, 32))
     assert model_bytes(packed) < model_bytes(PackedLinear8da4w(Linear8da4w.from_linear(lin, 32)))
-    assert PackedLinear8da4w(Linear8da4w.from_linear(lin, 32)).scales.dtype == torch.float32
+    assert PackedLinear8da4w(Linear8da4w.from_linear(lin, 32)).scale_dtype == torch.float32
     w_hat = ref.dequantized_weight()
     bound = per_token_qparams(x)[0] * 255 * w_hat.abs().sum(1).max()
     assert ((packed(x) - ref(x)).abs() / bound).max() < 1e-6
@@ -432,3 +438,14 @@ def test_quant_report_and_decode_speed(ops):
     assert decode_speed(use_packed_kernels(quantize_8da4w(m)), [1, 2, 3], 4) > 0
     t = kernel_candidates(64, 256, min_bytes=1e5, budget=0.01)
     assert len(t) == 7 and all(v["seconds"] > 0 for v in t.values())
+
+
+def test_int4_kernel_checks_its_layout(ops):
+    "The kernel reads group sizes and scale widths from the packed tensor's shape, and refuses ones that disagree."
+    q4, x = torch.randint(-8, 8, (16, 128), dtype=torch.int8), torch.randn(2, 128)
+    pk, corr = pack_int4(q4, torch.rand(16, 2))                             # groups of 64
+    assert ops.linear_8da4w(x, pk, corr, 64).shape == (2, 16)
+    with pytest.raises(RuntimeError, match="groups of"): ops.linear_8da4w(x, pk, corr, 32)
+    with pytest.raises(RuntimeError, match="groups of"): ops.linear_8da4w(torch.randn(2, 96), pk, corr, 64)
+    with pytest.raises(RuntimeError, match="group bytes"): ops.linear_8da4w(x, pk[..., :-8].contiguous(), corr, 64)
+    with pytest.raises(RuntimeError, match="corr"): ops.linear_8da4w(x, pk, corr[:8], 64)
