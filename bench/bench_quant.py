@@ -10,13 +10,14 @@ its family:
   ours 8da4w + EO8 (packed)          int4 weights in groups of 32, int8 activations, our int4 kernel; int8 output layer
                                      (EO8, as Meta's edge releases), which reads 0.44 bytes a weight more than Q4_0's
   ours 8da4w, 4-bit head (packed)    the same with the output layer in int4 groups of 32 too, as a Q4_0 file has it
+                                     (`quantize_output_8da4w`)
   ... bf16 scales                    the two 8da4w rows with group scales rounded to bf16 (`scale_dtype`), as
                                      ExecuTorch keeps them on the device: 2 bytes a scale, Q4_0's 4.5 bits a weight
   llama.cpp Q8_0 / Q4_0              llama-cpp-python running our own GGUF exports (`export_gguf`) of the same weights
 
-The quantized models of ours are `quantize_linears` / `quantize_8da4w` + `quantize_eo8` + `use_packed_kernels`
-(notebook 16); they keep activations and the KV cache in fp32, so llama.cpp gets an F32 KV cache too (`--kv f16`
-for its default). With `--reference-rows` (about 10 GB more at 16 layers): our fp32 model, the fake-quantized 8da4w
+The quantized models of ours are `quantize_linears` / `quantize_8da4w` (+ `quantize_output_8da4w`) + `quantize_eo8` +
+`use_packed_kernels` (notebook 16); they keep activations and the KV cache in fp32, so llama.cpp gets an F32 KV cache
+too (`--kv f16` for its default). With `--reference-rows` (about 10 GB more at 16 layers): our fp32 model, the fake-quantized 8da4w
 reference, and llama.cpp F32. Decode speed counts the tokens after the first (the prompt's prefill excluded), greedy,
 with the KV cache; each round times every contender once, interleaved, and the table gives each row's best round and
 the median over rounds of its same-round ratio to llama.cpp (> 1: ours faster). The GGUF files are cached (`--cache`)
@@ -29,13 +30,12 @@ import argparse, copy, gc, os, resource, tempfile, time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from llama32_nb.core import cpu_model
 from llama32_nb.decoder import Llama, LlamaConfig
 from llama32_nb.export import export_gguf
-from llama32_nb.quant import (Linear8da4w, PackedLinear8da4w, decode_speed, model_bytes, quantize_8da4w,
-                              quantize_eo8, quantize_linears, use_packed_kernels)
+from llama32_nb.quant import (decode_speed, model_bytes, quantize_8da4w, quantize_eo8, quantize_linears,
+                              quantize_output_8da4w, use_packed_kernels)
 from llama32_nb.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
@@ -59,16 +59,13 @@ def packed(base: Llama, bits: int, int4_head: bool = False, embed=None, scale_dt
     `base`'s bf16 table until `quantize_eo8` replaces it, and then `embed` (an earlier copy's identical int8 table)."""
     m = copy.deepcopy(base, memo={id(base.embed_tokens.weight): base.embed_tokens.weight})
     m = quantize_linears(m, 8, None) if bits == 8 else quantize_8da4w(m, 32, scale_dtype)
+    if int4_head: quantize_output_8da4w(m, 32, scale_dtype)  # the output layer in int4 groups of 32, as Q4_0 has it
     m = quantize_eo8(m)
     if embed is not None:
         assert torch.equal(embed.weight.bfloat16(), m.embed_tokens.weight)
-        m.embed_tokens, m.lm_head.weight = embed, embed.weight
-    m = m.float()
-    use_packed_kernels(m, head=not int4_head)
-    if int4_head:                                              # the output layer in int4 groups of 32, as Q4_0 does
-        head = nn.Linear(m.cfg.dim, m.cfg.vocab_size, bias=False)
-        head.weight = nn.Parameter(base.embed_tokens.weight.detach().float(), requires_grad=False)
-        m.lm_head = PackedLinear8da4w(Linear8da4w.from_linear(head, 32, scale_dtype=scale_dtype))
+        m.embed_tokens = embed
+        if not int4_head: m.lm_head.weight = embed.weight
+    use_packed_kernels(m.float())
     gc.collect()
     return m
 

@@ -809,6 +809,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'llama32_nb.quant.quantize_eo8': ('quant.html#quantize_eo8', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.quantize_groupwise': ('quant.html#quantize_groupwise', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.quantize_linears': ('quant.html#quantize_linears', 'llama32_nb/quant.py'),
+                                  'llama32_nb.quant.quantize_output_8da4w': ('quant.html#quantize_output_8da4w', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.random_hadamard': ('quant.html#random_hadamard', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.rotate': ('quant.html#rotate', 'llama32_nb/quant.py'),
                                   'llama32_nb.quant.save_meta_quantized': ('quant.html#save_meta_quantized', 'llama32_nb/quant.py'),

@@ -24,7 +24,7 @@ __all__ = ['SCHEME', 'QuantizationError', 'qrange', 'check_group_size', 'check_s
            'hadamard', 'random_hadamard', 'fwht', 'HadamardInput', 'rotate', 'check_quantization_args',
            'save_meta_quantized', 'load_meta_quantized', 'packed_kernels', 'pack_int4', 'unpack_int4', 'pack_int8',
            'PackedLinear8da4w', 'PackedLinear8da8w', 'use_packed_kernels', 'kernel_candidates', 'quantize_linears',
-           'decode_speed', 'quant_report']
+           'quantize_output_8da4w', 'decode_speed', 'quant_report']
 
 # %% ../nbs/16_quant.ipynb #ae0bc387
 class QuantizationError(ValueError):
@@ -224,11 +224,12 @@ def prepare_qat(model: nn.Module, group_size: int = 32) -> nn.Module:
     return model
 
 def quantize_eo8(model: nn.Module) -> nn.Module:
-    "Per-row int8 embedding (EO8); an untied output layer gets per-row int8 weights too. Returns `model`."
+    """Per-row int8 embedding (EO8); an untied float output layer gets per-row int8 weights too (one quantized
+    already, e.g. by `quantize_output_8da4w`, stays as it is). Returns `model`."""
     tied = model.lm_head.weight is model.embed_tokens.weight
     model.embed_tokens = Int8Embedding.from_embedding(model.embed_tokens)
     if tied: model.lm_head.weight = model.embed_tokens.weight
-    else: model.lm_head = Int8Linear.from_linear(model.lm_head)
+    elif isinstance(model.lm_head, nn.Linear): model.lm_head = Int8Linear.from_linear(model.lm_head)
     return model
 
 def add_lora(model: nn.Module, rank: int = 16, scale: float = 2.0) -> list[nn.Parameter]:
@@ -456,6 +457,9 @@ def save_meta_quantized(model: Llama, path, params: dict | None = None) -> Path:
             B = m.adaptor.B.weight.detach()
             sd[key + ".adaptor.B.weight"] = unpermute_qk(B, n) if n is not None else B
             lora = dict(rank=m.adaptor.A.out_features, scale=m.lora_scale)
+    if isinstance(model.lm_head, Linear8da4w):
+        raise QuantizationError("the output layer is 8da4w (quantize_output_8da4w); Meta's format stores it in int8 "
+                                "(EO8): quantize a copy without it to save")
     groups = {m.group_size for m in model.layers.modules() if isinstance(m, Linear8da4w)}
     if len(groups) != 1: raise QuantizationError(f"block linears must share one group size, found {sorted(groups)}")
     tied = model.lm_head.weight is model.embed_tokens.weight
@@ -983,6 +987,23 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 3
     for _, name, m in targets: check_group_size(m.in_features, group_size or m.in_features, name)
     for parent, name, m in targets:
         setattr(parent, name, Linear8da4w.from_linear(m, group_size or m.in_features, bits))
+    return model
+
+def quantize_output_8da4w(model: nn.Module, group_size: int = 32, scale_dtype: torch.dtype = torch.float32
+                          ) -> nn.Module:
+    """Swap the output layer for an 8da4w `Linear8da4w` too (int4 groups of `group_size`, int8 activations), made from
+    the weights it holds; a tied output gets its own copy and the embedding table stays as it is. This is how a Q4_0
+    GGUF stores its output, 4.5 bits a weight with bf16 scales where EO8 spends 8: a speed option, not Meta's recipe
+    (its edge releases keep the output in int8). Returns `model`."""
+    head = model.lm_head
+    if isinstance(head, Linear8da4w): raise QuantizationError("the output layer is already 8da4w")
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise QuantizationError(f"cannot quantize an output layer of type {type(head).__name__} as 8da4w")
+    check_scale_dtype(scale_dtype)
+    check_group_size(head.in_features, group_size, "lm_head")
+    lin = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device)
+    lin.weight = nn.Parameter(head.weight.detach().float(), requires_grad=False)
+    model.lm_head = Linear8da4w.from_linear(lin, group_size, scale_dtype=scale_dtype)
     return model
 
 @torch.inference_mode()

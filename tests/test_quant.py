@@ -449,3 +449,28 @@ def test_int4_kernel_checks_its_layout(ops):
     with pytest.raises(RuntimeError, match="groups of"): ops.linear_8da4w(torch.randn(2, 96), pk, corr, 64)
     with pytest.raises(RuntimeError, match="group bytes"): ops.linear_8da4w(x, pk[..., :-8].contiguous(), corr, 64)
     with pytest.raises(RuntimeError, match="corr"): ops.linear_8da4w(x, pk, corr[:8], 64)
+
+
+def test_quantize_output_8da4w(ops, tmp_path):
+    "The output layer as 8da4w (a Q4_0 file's layout): its own int4 copy of a tied table, packed by the swap."
+    from llama32_nb.quant import quantize_output_8da4w
+    m = quantize_8da4w(_model(3), 32, torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad(): ref = m(ids)
+    table = m.embed_tokens.weight.detach().clone()
+    q = quantize_eo8(quantize_output_8da4w(copy.deepcopy(m), 32, torch.bfloat16))
+    assert isinstance(q.lm_head, Linear8da4w) and q.lm_head.scales.dtype == torch.float32
+    assert torch.equal(q.lm_head.scales.bfloat16().float(), q.lm_head.scales)           # bf16 numbers
+    assert isinstance(q.embed_tokens, Int8Embedding) and q.lm_head.weight is not q.embed_tokens.weight
+    w_hat = q.lm_head.dequantized_weight()
+    assert ((w_hat - table).abs() <= q.lm_head.scales.repeat_interleave(32, 1)).all()          # within one step
+    with torch.no_grad(): lq = q(ids)
+    assert (lq - ref).abs().max() < 0.1 * ref.abs().max() and (lq.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    p = use_packed_kernels(copy.deepcopy(q))
+    assert isinstance(p.lm_head, PackedLinear8da4w) and p.lm_head.scale_dtype == torch.bfloat16
+    with torch.no_grad(): lp = p(ids)
+    assert (lp - lq).abs().max() < 1e-3 * lq.abs().max()
+    with pytest.raises(QuantizationError, match="already 8da4w"): quantize_output_8da4w(q)
+    with pytest.raises(QuantizationError, match="does not divide|divide"): quantize_output_8da4w(copy.deepcopy(m), 48)
+    with pytest.raises(QuantizationError, match="EO8"): save_meta_quantized(q, tmp_path / "meta")
+    assert not (tmp_path / "meta" / "consolidated.00.pth").exists()
