@@ -235,7 +235,8 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     import torch
     from llama32_nb.pretraining import corpus_blocks, load_artifacts, artifacts_dir
     from llama32_nb.quant import (Linear8da4w, add_lora, decode_speed, finetune, model_bytes, prepare_qat,
-                                  quantize_8da4w, quantize_eo8, quantize_linears, rotate, use_packed_kernels, val_loss)
+                                  quantize_8da4w, quantize_eo8, quantize_linears, quantize_output_8da4w, rotate,
+                                  use_packed_kernels, val_loss)
     from llama32_nb.export import export_gguf, load_gguf
     src = run.out / "tiny-llama"
     if not (src / "config.json").is_file(): src = artifacts_dir() / "tiny-llama"   # the shipped model
@@ -245,7 +246,7 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     rows, metrics = {}, {}
     def add(name, model, size, losses):
         rows[name] = dict(bytes=size, loss=sum(losses) / len(losses), spread=max(losses) - min(losses), model=model)
-    bar = tqdm(total=4 + 3 * len(seeds), desc="quantize", unit="model")
+    bar = tqdm(total=5 + 3 * len(seeds), desc="quantize", unit="model")
     add("fp32", base, model_bytes(base), [val_loss(base, val)]); bar.update()
     b16 = copy.deepcopy(base).to(torch.bfloat16)
     add("bf16", b16, model_bytes(b16), [val_loss(b16, val)]); bar.update()
@@ -253,6 +254,9 @@ def stage_quantize(run: Run, qat_steps: int = 12, lora_steps: int = 8, seeds=(0,
     add("8da8w + EO8, PTQ", e8, model_bytes(e8), [val_loss(e8, val)]); bar.update()
     ptq = quantize_eo8(quantize_8da4w(copy.deepcopy(base)))
     add("8da4w + EO8, PTQ", ptq, model_bytes(ptq), [val_loss(ptq, val)]); bar.update()
+    bf = torch.bfloat16
+    q4 = quantize_eo8(quantize_output_8da4w(quantize_8da4w(copy.deepcopy(base), 32, bf), 32, bf))
+    add("8da4w, 4-bit output, bf16 scales, PTQ", q4, model_bytes(q4), [val_loss(q4, val)]); bar.update()
     rot_l = []
     for seed in seeds:                                        # SpinQuant's random-Hadamard start, not learned
         rq = quantize_eo8(quantize_8da4w(rotate(base, seed))); rot_l.append(val_loss(rq, val)); bar.update()
@@ -310,8 +314,9 @@ per-token activations in every block linear, per-row int8 embedding/output "EO8"
 {qat_steps} steps of quantization-aware training (QAT, lr 1e-4, 4 x 128 tokens a step), and QAT followed by
 {lora_steps} steps of rank-16 LoRA (scale 2) on the frozen int4 backbone; PTQ after a random-Hadamard rotation of
 the residual stream (R1, folded into the weights) with an online Hadamard before every `down_proj` (R4), SpinQuant's
-starting point without its learned rotation; and 8da8w (int8 weights, one scale per row). QAT, LoRA and rotated rows
-are the mean over seeds {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with
+starting point without its learned rotation; 8da8w (int8 weights, one scale per row); and PTQ with the output layer in
+int4 groups too and bf16 scales (`quantize_output_8da4w`, a Q4_0 file's layout; the tied table is then stored
+twice). QAT, LoRA and rotated rows are the mean over seeds {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with
 `load_gguf`. Validation loss on the first 16 held-out blocks, computed with the reference (fake-quantized) modules.
 Decode speed: {n_new} greedy tokens with the KV cache after the first (the prefill excluded), best of two interleaved
 rounds, 2 threads on {cpu_model()}. The quantized rows run on notebook 16's packed integer kernels
