@@ -442,6 +442,9 @@ def _qk_rows(cfg: LlamaConfig, key: str) -> int | None:
 def save_meta_quantized(model: Llama, path, params: dict | None = None) -> Path:
     """Write an 8da4w + EO8 model (every block linear a `Linear8da4w`) as Meta's `consolidated.00.pth` +
     `params.json` with `quantization_args` (and `lora_args` when it has adaptors)."""
+    if isinstance(model.lm_head, Linear8da4w):
+        raise QuantizationError("the output layer is 8da4w (quantize_output_8da4w); Meta's format stores it in int8 "
+                                "(EO8): quantize a copy without it to save")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     cfg, sd, lora = model.cfg, {}, None
     for name, m in model.layers.named_modules():
@@ -457,9 +460,6 @@ def save_meta_quantized(model: Llama, path, params: dict | None = None) -> Path:
             B = m.adaptor.B.weight.detach()
             sd[key + ".adaptor.B.weight"] = unpermute_qk(B, n) if n is not None else B
             lora = dict(rank=m.adaptor.A.out_features, scale=m.lora_scale)
-    if isinstance(model.lm_head, Linear8da4w):
-        raise QuantizationError("the output layer is 8da4w (quantize_output_8da4w); Meta's format stores it in int8 "
-                                "(EO8): quantize a copy without it to save")
     groups = {m.group_size for m in model.layers.modules() if isinstance(m, Linear8da4w)}
     if len(groups) != 1: raise QuantizationError(f"block linears must share one group size, found {sorted(groups)}")
     tied = model.lm_head.weight is model.embed_tokens.weight
@@ -811,6 +811,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, scale_dtype: torch.dtype | 
     weights (`gs/32` blocks of 4 × 32 bytes, two weights a byte, the 8 rows interleaved), then the 8 rows' scales
     (`scale_dtype`; by default bf16 when every scale is a bf16 number, which loses nothing, else fp32). Also
     `corr [N] = Σ_g s[n, g] Σ_{k∈g} q[n, k]`."""
+    if scale_dtype is not None: check_scale_dtype(scale_dtype)
     N, K = q.shape
     G = scales.shape[1]
     u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(N // 8, 8, K // 32, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
@@ -818,8 +819,6 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, scale_dtype: torch.dtype | 
     corr = (q.double().reshape(N, G, -1).sum(-1) * scales.double()).sum(-1).float()
     s = scales.float().reshape(N // 8, 8, G).transpose(1, 2).contiguous()          # [rows/8, group, 8 rows]
     lossless = torch.equal(s.bfloat16().float(), s)
-    if scale_dtype not in (None, torch.float32, torch.bfloat16):
-        raise QuantizationError(f"packed scales are fp32 or bf16, not {scale_dtype}")
     if scale_dtype == torch.bfloat16 and not lossless:
         raise QuantizationError("these scales are not all bf16 numbers: storing them in bf16 would change them")
     if scale_dtype == torch.bfloat16 or (scale_dtype is None and lossless): s = s.bfloat16()
