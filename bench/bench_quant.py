@@ -17,8 +17,8 @@ its family:
 
 The quantized models of ours are `quantize_linears` / `quantize_8da4w` (+ `quantize_output_8da4w`) + `quantize_eo8` +
 `use_packed_kernels` (notebook 16); they keep activations and the KV cache in fp32, so llama.cpp gets an F32 KV cache
-too (`--kv f16` for its default). With `--reference-rows` (about 10 GB more at 16 layers): our fp32 model, the fake-quantized 8da4w
-reference, and llama.cpp F32. Decode speed counts the tokens after the first (the prompt's prefill excluded), greedy,
+too (`--kv f16` for its default). With `--reference-rows` (about 10 GB more at 16 layers): our fp32 model, the
+fake-quantized 8da4w reference, and llama.cpp F32. Decode speed counts the tokens after the first (the prompt's prefill excluded), greedy,
 with the KV cache; each round times every contender once, interleaved, and the table gives each row's best round and
 the median over rounds of its same-round ratio to llama.cpp (> 1: ours faster). The GGUF files are cached (`--cache`)
 between runs. Not a test.

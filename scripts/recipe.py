@@ -316,8 +316,9 @@ per-token activations in every block linear, per-row int8 embedding/output "EO8"
 the residual stream (R1, folded into the weights) with an online Hadamard before every `down_proj` (R4), SpinQuant's
 starting point without its learned rotation; 8da8w (int8 weights, one scale per row); and PTQ with the output layer in
 int4 groups too and bf16 scales (`quantize_output_8da4w`, a Q4_0 file's layout; the tied table is then stored
-twice). QAT, LoRA and rotated rows are the mean over seeds {list(seeds)} (spread = max - min). GGUF rows are our exports (in `gguf/`) read back with
-`load_gguf`. Validation loss on the first 16 held-out blocks, computed with the reference (fake-quantized) modules.
+twice). QAT, LoRA and rotated rows are the mean over seeds {list(seeds)} (spread = max - min). GGUF rows are our
+exports (in `gguf/`) read back with `load_gguf`.
+Validation loss on the first 16 held-out blocks, computed with the reference (fake-quantized) modules.
 Decode speed: {n_new} greedy tokens with the KV cache after the first (the prefill excluded), best of two interleaved
 rounds, 2 threads on {cpu_model()}. The quantized rows run on notebook 16's packed integer kernels
 (`use_packed_kernels`: int4/int8 weights as stored, int8 activations, integer dot products), whose block linears equal
